@@ -1,0 +1,110 @@
+"""Typed run configuration: dataclasses + ``load_config(path, overrides)``.
+
+The only module that imports OmegaConf. A YAML file may name a ``base:`` file (relative to itself)
+and then states only what differs, like a diff; ``key=value`` overrides from the command line are
+applied last. Unknown keys and wrong types fail here, with the key and the file named.
+Components never see this object: entry points pass each one its own section.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .quant.config import QuantConfig, QuantConfigError
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the key and file."""
+
+
+@dataclass
+class ModelConfig:
+    """Which DiT, and where its full-precision weights come from (exactly one source)."""
+
+    name: str = "DiT-XL/2"  # a registered size (dpq_lightning.models.known_models())
+    arch: dict[str, Any] = field(default_factory=dict)  # DiTConfig overrides, e.g. {in_channels: 1}
+    checkpoint: str | None = None  # original-format file, e.g. DiT-XL-2-256x256.pt
+    pretrained: str | None = None  # diffusers directory or hub id, e.g. facebook/DiT-XL-2-256
+    random_init: bool = False  # explicit opt-in to random weights (benchmarks, smoke runs)
+
+
+@dataclass
+class RunConfig:
+    """Everything one run needs. Sections map to components; only entry points see it whole."""
+
+    name: str = "dpq"
+    output_dir: str = "runs/${name}"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"config {path}: 'base' chain loops back to itself")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as err:  # yaml.YAMLError and friends
+        raise ConfigError(f"config {path}: not valid YAML: {err}") from err
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"config {path}: top level must be a mapping")
+    base = node.pop("base", None)
+    if base is None:
+        return node
+    parent = _read_yaml((path.parent / str(base)), seen + (path.resolve(),))
+    return OmegaConf.merge(parent, node)
+
+
+def _explain(err: OmegaConfBaseException, where: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or "?"
+    first = str(err).splitlines()[0]
+    return ConfigError(f"{where}: bad key '{key}': {first}")
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Schema <- YAML (with its ``base`` chain) <- ``key=value`` overrides -> :class:`RunConfig`."""
+    schema = OmegaConf.structured(RunConfig)
+    merged = schema
+    if path is not None:
+        try:
+            merged = OmegaConf.merge(merged, _read_yaml(Path(path)))
+        except OmegaConfBaseException as err:
+            raise _explain(err, f"config {path}") from err
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"override {bad[0]!r} must look like key=value, e.g. quant.d=4")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        except OmegaConfBaseException as err:
+            raise _explain(err, "command-line override") from err
+    try:
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise _explain(err, f"config {path}") from err
+    except QuantConfigError as err:
+        raise ConfigError(f"config {path}: {err}") from err
+    return cfg
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    """The resolved config as YAML (saved in the run directory and in checkpoints)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True)
+
+
+def save_resolved(cfg: RunConfig, path: str | os.PathLike) -> Path:
+    """Write the resolved config atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(to_yaml(cfg))
+    os.replace(tmp, path)
+    return path

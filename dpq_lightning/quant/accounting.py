@@ -1,0 +1,226 @@
+"""Size accounting: the one place that says how many bits each part of a compressed model costs.
+
+Every byte needed to rebuild the model is counted:
+
+* codes: ``ceil(log2 K)`` bits per sub-vector (bit-packed on disk);
+* per-group codebooks: ``G * K * d`` 16-bit floats, **or** with a pool: ``G * K`` pointers of
+  ``ceil(log2 P)`` bits plus the pool's ``P * d`` 16-bit floats;
+* everything left in float (biases, norms, excluded or skipped weights): 16 bits per value;
+* the container: the packed file's header with the config and model structure.
+
+Ratios are against FP32 storage of all learnable parameters (``4 bytes x count``). The same
+functions size the budget search before any k-means runs and the report after it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from .bitpack import bits_for
+
+FLOAT_BITS = 16  # codebooks, pool and every float left uncompressed are stored as fp16
+REF_BITS = 32  # the reference: FP32
+
+
+@dataclass
+class ParamSize:
+    """Bits for one learnable parameter (a quantized weight, or a float tensor)."""
+
+    name: str
+    kind: str  # "pq" | "float" | "excluded" | "skipped"
+    numel: int
+    shape: tuple[int, ...]
+    in_blocks: bool
+    code_bits: int = 0
+    codebook_bits: int = 0  # per-group codebooks (no pool)
+    pointer_bits: int = 0  # pointers into the pool
+    pool_bits: int = 0
+    float_bits: int = 0
+    d: int = 0
+    K: int = 0
+    groups: int = 0
+    group_size: int = 0
+    pool_size: int = 0
+    note: str = ""  # why a parameter was left in float
+
+    @property
+    def total_bits(self) -> int:
+        return self.code_bits + self.codebook_bits + self.pointer_bits + self.pool_bits + self.float_bits
+
+    @property
+    def nominal_bits(self) -> float:
+        """``log2(K) / d``: the codes alone, per weight; 16 for a float parameter."""
+        return math.log2(self.K) / self.d if self.kind == "pq" else float(FLOAT_BITS)
+
+    @property
+    def effective_bits(self) -> float:
+        return self.total_bits / self.numel
+
+
+def pq_param_size(
+    name: str,
+    shape: tuple[int, ...],
+    d: int,
+    K: int,
+    groups: int,
+    group_size: int,
+    pool_size: int | None,
+    in_blocks: bool,
+) -> ParamSize:
+    numel = math.prod(shape)
+    row = ParamSize(name, "pq", numel, tuple(shape), in_blocks, d=d, K=K, groups=groups, group_size=group_size)
+    row.code_bits = groups * group_size * bits_for(K)
+    if pool_size is None:
+        row.codebook_bits = groups * K * d * FLOAT_BITS
+    else:
+        row.pool_size = pool_size
+        row.pointer_bits = groups * K * bits_for(pool_size)
+        row.pool_bits = pool_size * d * FLOAT_BITS
+    return row
+
+
+def float_param_size(name: str, shape: tuple[int, ...], kind: str, in_blocks: bool, note: str = "") -> ParamSize:
+    numel = math.prod(shape)
+    return ParamSize(name, kind, numel, tuple(shape), in_blocks, float_bits=numel * FLOAT_BITS, note=note)
+
+
+@dataclass
+class SizeReport:
+    """Per-parameter rows plus totals; printable with :meth:`table`."""
+
+    rows: list[ParamSize]
+    overhead_bytes: int = 0  # container header: config + structure, measured from the layout
+    target_bits: float | None = None  # the budget, as bits per learnable parameter
+    notes: list[str] = field(default_factory=list)
+
+    # ---- totals -------------------------------------------------------------------------
+    def _sum(self, attr: str, rows=None) -> int:
+        return sum(getattr(r, attr) for r in (self.rows if rows is None else rows))
+
+    @property
+    def num_params(self) -> int:
+        return self._sum("numel")
+
+    @property
+    def total_bits(self) -> int:
+        return self._sum("total_bits") + 8 * self.overhead_bytes
+
+    @property
+    def total_bytes(self) -> float:
+        return self.total_bits / 8
+
+    @property
+    def fp32_bytes(self) -> int:
+        return self.num_params * REF_BITS // 8
+
+    @property
+    def ratio(self) -> float:
+        """Whole model: FP32 bytes of all learnable parameters / total compressed bytes."""
+        return self.fp32_bytes / self.total_bytes
+
+    @property
+    def blocks_ratio(self) -> float:
+        """Transformer blocks only (the convention of VQ4DiT's 2553 MB), no container overhead."""
+        rows = [r for r in self.rows if r.in_blocks]
+        bits = self._sum("total_bits", rows)
+        return (self._sum("numel", rows) * REF_BITS) / bits if bits else float("nan")
+
+    @property
+    def effective_bits(self) -> float:
+        """Total bits (everything, codebooks and header included) per learnable parameter."""
+        return self.total_bits / self.num_params
+
+    @property
+    def quantized_numel(self) -> int:
+        return self._sum("numel", [r for r in self.rows if r.kind == "pq"])
+
+    @property
+    def nominal_bits(self) -> float:
+        """Code bits per quantized weight, ``log2(K)/d`` averaged by weight count."""
+        q = [r for r in self.rows if r.kind == "pq"]
+        return self._sum("code_bits", q) / max(1, self._sum("numel", q))
+
+    @property
+    def budget_met(self) -> bool | None:
+        return None if self.target_bits is None else self.effective_bits <= self.target_bits + 1e-12
+
+    def by_kind(self, kind: str) -> list[ParamSize]:
+        return [r for r in self.rows if r.kind == kind]
+
+    def breakdown_bytes(self) -> dict[str, float]:
+        return {
+            "codes": self._sum("code_bits") / 8,
+            "codebooks": self._sum("codebook_bits") / 8,
+            "pointers": self._sum("pointer_bits") / 8,
+            "pool": self._sum("pool_bits") / 8,
+            "float": self._sum("float_bits") / 8,
+            "header": float(self.overhead_bytes),
+        }
+
+    # ---- output -------------------------------------------------------------------------
+    def summary(self) -> dict:
+        return {
+            "num_params": self.num_params,
+            "quantized_params": self.quantized_numel,
+            "total_bytes": self.total_bytes,
+            "fp32_bytes": self.fp32_bytes,
+            "ratio": self.ratio,
+            "blocks_ratio": self.blocks_ratio,
+            "nominal_bits": self.nominal_bits,
+            "effective_bits": self.effective_bits,
+            "target_bits": self.target_bits,
+            "budget_met": self.budget_met,
+            **{f"bytes_{k}": v for k, v in self.breakdown_bytes().items()},
+        }
+
+    def to_dict(self) -> dict:
+        return {
+            "rows": [asdict(r) for r in self.rows],
+            "overhead_bytes": self.overhead_bytes,
+            "target_bits": self.target_bits,
+            "notes": list(self.notes),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SizeReport":
+        rows = [ParamSize(**{**r, "shape": tuple(r["shape"])}) for r in data["rows"]]
+        return cls(rows, data.get("overhead_bytes", 0), data.get("target_bits"), list(data.get("notes", [])))
+
+    def table(self, per_param: bool = True) -> str:
+        """A fixed-width table: one line per parameter (optional) and the totals."""
+        lines = []
+        if per_param:
+            head = f"{'parameter':<44} {'kind':<8} {'shape':<18} {'d':>2} {'K':>5} {'pool':>6} " \
+                   f"{'codes KB':>9} {'cb/ptr KB':>9} {'pool KB':>8} {'float KB':>8} {'bits/w':>7}"
+            lines += [head, "-" * len(head)]
+            for r in self.rows:
+                cb = (r.codebook_bits + r.pointer_bits) / 8192
+                shape = "x".join(str(s) for s in r.shape)
+                lines.append(
+                    f"{r.name[:44]:<44} {r.kind:<8} {shape:<18} {r.d or '':>2} {r.K or '':>5} "
+                    f"{r.pool_size or '':>6} {r.code_bits / 8192:>9.1f} {cb:>9.1f} {r.pool_bits / 8192:>8.1f} "
+                    f"{r.float_bits / 8192:>8.1f} {r.effective_bits:>7.3f}"
+                )
+            lines.append("")
+        b = self.breakdown_bytes()
+        mib = 2**20
+        lines += [
+            f"learnable parameters : {self.num_params:,} ({self.quantized_numel:,} quantized)",
+            "bytes                : " + ", ".join(f"{k} {v / mib:.3f} MiB" for k, v in b.items()),
+            f"total                : {self.total_bytes / mib:.3f} MiB  (FP32 {self.fp32_bytes / mib:.2f} MiB)",
+            f"ratio vs FP32        : whole model {self.ratio:.2f}x, blocks only {self.blocks_ratio:.2f}x",
+            f"bits per weight      : nominal {self.nominal_bits:.3f} (codes of quantized weights), "
+            f"effective {self.effective_bits:.3f} (everything / all parameters)",
+        ]
+        if self.target_bits is not None:
+            verdict = "MET" if self.budget_met else "NOT MET"
+            lines.append(
+                f"budget               : {self.target_bits:.4f} bits/param "
+                f"(= {REF_BITS / self.target_bits:.2f}x) -> {verdict}"
+            )
+        left = [r for r in self.rows if r.kind in ("excluded", "skipped")]
+        for r in left:
+            lines.append(f"left in float        : {r.name} ({r.kind}: {r.note})")
+        lines += [f"note                 : {n}" for n in self.notes]
+        return "\n".join(lines)

@@ -1,0 +1,80 @@
+"""The packed file's layout: which tensors it holds, their dtypes and shapes, and its header.
+
+The layout is derived from a *structure* description (plain JSON-able dicts), so the same code
+sizes a plan before any k-means (for the budget) and a quantized model (for the report and for
+``dpq_lightning.packed``, which writes exactly these tensors with safetensors).
+
+Per quantized module ``m``: ``m.codes`` (uint8, codes bit-packed at ``ceil(log2 K)`` bits),
+then either ``m.codebooks`` (fp16 ``[G, K, d]``) or ``m.pool`` (fp16 ``[P, d]``) and
+``m.pointers`` (uint8, bit-packed at ``ceil(log2 P)`` bits). Every other learnable parameter is
+stored under its own name in fp16.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from .bitpack import bits_for, packed_nbytes
+from .geometry import Geometry
+
+FORMAT = "dpq-packed/1"
+
+
+def pq_entry(kind: str, geo: Geometry, K: int, pool_size: int | None, conv_args: dict | None) -> dict:
+    return {
+        "kind": kind,
+        "geo": geo.to_dict(),
+        "K": K,
+        "pool_size": pool_size,
+        "conv_args": conv_args,
+    }
+
+
+def tensor_specs(structure: dict) -> dict[str, tuple[str, list[int]]]:
+    """``name -> (safetensors dtype, shape)`` for every tensor of the packed file."""
+    specs: dict[str, tuple[str, list[int]]] = {}
+    for m, e in structure["pq"].items():
+        geo = Geometry.from_dict(e["geo"])
+        G, N, d, K, P = geo.num_groups, geo.group_size, geo.d, e["K"], e["pool_size"]
+        specs[f"{m}.codes"] = ("U8", [packed_nbytes(G * N, bits_for(K))])
+        if P is None:
+            specs[f"{m}.codebooks"] = ("F16", [G, K, d])
+        else:
+            specs[f"{m}.pool"] = ("F16", [P, d])
+            specs[f"{m}.pointers"] = ("U8", [packed_nbytes(G * K, bits_for(P))])
+    for name, shape in structure["float"].items():
+        specs[name] = ("F16", list(shape))
+    return specs
+
+
+_ITEMSIZE = {"U8": 1, "F16": 2}
+
+
+def header_json(structure: dict, metadata: dict[str, str]) -> str:
+    """The safetensors header as that format lays it out (names, dtypes, shapes, offsets)."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, (dtype, shape) in sorted(tensor_specs(structure).items()):
+        n = math.prod(shape) * _ITEMSIZE[dtype]
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}
+        offset += n
+    return json.dumps(header, separators=(",", ":"))
+
+
+def container_bytes(structure: dict, metadata: dict[str, str]) -> int:
+    """Bytes of the file that are not tensor data: 8-byte length + header padded to 8."""
+    n = len(header_json(structure, metadata).encode())
+    return 8 + n + (-n) % 8
+
+
+def metadata_for(structure: dict, model_meta: dict, quant: dict, left_float: dict) -> dict[str, str]:
+    """safetensors metadata must be ``str -> str``: one JSON document under ``"dpq"``."""
+    doc = {
+        "format": FORMAT,
+        "model": model_meta,
+        "structure": structure,
+        "quant": quant,
+        "left_float": left_float,
+    }
+    return {"dpq": json.dumps(doc, separators=(",", ":"), sort_keys=True)}

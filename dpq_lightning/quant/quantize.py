@@ -1,0 +1,192 @@
+"""``quantize_(model, cfg) -> SizeReport``: stage 1 of DPQ, in place.
+
+1. plan: classify every learnable parameter and validate shapes (errors name the layer);
+2. budget: choose the pool size so the total fits, or fail - all before any k-means;
+3. per layer: batched k-means over all groups -> codebooks + codes; optional pool;
+4. round codebooks, pool and every float left to fp16, the precision they are stored in, so the
+   in-memory model and the packed file compute exactly the same outputs;
+5. report: bits of every part, measured from the modules now in the model.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .accounting import ParamSize, SizeReport, float_param_size, pq_param_size
+from .budget import choose_pool_sizes, target_bits_of
+from .config import QuantConfig
+from .geometry import Geometry, to_groups
+from .kmeans import kmeans, kmeans_faiss, nearest
+from .layers import PQ_MODULES, PQWeight, conv_args_of, kind_of, wrap_module
+from .layout import container_bytes, metadata_for, pq_entry
+from .plan import Plan, make_plan
+from .pool import build_pool
+
+Progress = Callable[[str, int, int], None]  # (layer name, index, total)
+
+
+def _kind_of_float(module: nn.Module) -> str:
+    return {nn.Linear: "linear", nn.Conv2d: "conv2d", nn.Embedding: "embedding"}[type(module)]
+
+
+def model_meta(model: nn.Module) -> dict:
+    """What a loader needs to rebuild the float skeleton: class name and its config."""
+    cfg = getattr(model, "config", None)
+    return {
+        "class": type(model).__name__,
+        "config": cfg.to_dict() if hasattr(cfg, "to_dict") else None,
+    }
+
+
+def _structure_from_plan(model: nn.Module, plan: Plan) -> dict:
+    modules = dict(model.named_modules())
+    pq, floats = {}, {}
+    for layer in plan.layers:
+        mod = modules[layer.module_name]
+        conv = conv_args_of(mod) if isinstance(mod, nn.Conv2d) else None
+        pq[layer.module_name] = pq_entry(_kind_of_float(mod), layer.geo, layer.K, layer.pool_size, conv)
+    for f in plan.floats:  # includes the biases of quantized modules
+        floats[f.name] = list(f.shape)
+    return {"pq": pq, "float": dict(sorted(floats.items()))}
+
+
+def structure_of(model: nn.Module) -> dict:
+    """The packed structure of a quantized model (same form as for a plan)."""
+    pq, floats = {}, {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, PQ_MODULES):
+            w: PQWeight = mod.weight_pq
+            conv = mod.conv_args if kind_of(mod) == "conv2d" else None
+            pq[name] = pq_entry(kind_of(mod), w.geo, w.K, w.pool_size, conv)
+    params = dict(model.named_parameters())
+    for name in model.dpq_info["float_names"]:
+        floats[name] = list(params[name].shape)
+    return {"pq": pq, "float": dict(sorted(floats.items()))}
+
+
+def _size_rows(structure: dict, left_float: dict, blocks_prefix: str) -> list[ParamSize]:
+    rows = []
+    for m, e in structure["pq"].items():
+        geo = Geometry.from_dict(e["geo"])
+        rows.append(pq_param_size(f"{m}.weight", geo.shape, geo.d, e["K"], geo.num_groups, geo.group_size,
+                                  e["pool_size"], f"{m}.".startswith(blocks_prefix)))
+    for name, shape in structure["float"].items():
+        kind, note = left_float.get(name, ("float", ""))
+        rows.append(float_param_size(name, tuple(shape), kind, name.startswith(blocks_prefix), note))
+    return rows
+
+
+def size_report(structure: dict, meta: dict, cfg: QuantConfig, left_float: dict) -> SizeReport:
+    """Size of a packed model described by ``structure``: every part, header included."""
+    rows = _size_rows(structure, left_float, cfg.blocks_prefix)
+    header = container_bytes(structure, metadata_for(structure, meta, cfg.to_dict(), left_float))
+    return SizeReport(rows, overhead_bytes=header)
+
+
+def _left_float(plan: Plan) -> dict:
+    return {f.name: [f.kind, f.note] for f in plan.floats if f.kind != "float"}
+
+
+def _run_kmeans(X: torch.Tensor, K: int, cfg: QuantConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    backend = cfg.kmeans_backend
+    if backend == "auto":
+        backend = "faiss" if X.device.type == "cpu" and _has_faiss() else "torch"
+    if backend == "faiss":  # faiss seeds by random sampling, whatever quant.kmeans_init says
+        return kmeans_faiss(X, K, iters=cfg.kmeans_iters, seed=seed)
+    return kmeans(X, K, iters=cfg.kmeans_iters, seed=seed, init=cfg.kmeans_init)
+
+
+def _has_faiss() -> bool:
+    try:
+        import faiss  # noqa: F401  (optional accelerator)
+    except ImportError:
+        return False
+    return True
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+@torch.no_grad()
+def round_to_storage_(model: nn.Module) -> None:
+    """Round every stored tensor (codebooks, pools, float parameters) to fp16 precision, keeping
+    its dtype, so the in-memory model computes exactly what the packed file will."""
+    params = dict(model.named_parameters())
+    names = list(model.dpq_info["float_names"])
+    for name, mod in model.named_modules():
+        if isinstance(mod, PQ_MODULES):
+            names.append(f"{name}.weight_pq.{'pool' if mod.weight_pq.has_pool else 'codebooks'}")
+    for n in names:
+        params[n].copy_(params[n].half().to(params[n].dtype))
+
+
+def predict_report(model: nn.Module, cfg: QuantConfig) -> SizeReport:
+    """The size report ``quantize_`` would produce, from shapes alone (works on a meta-device
+    model): plan + budget, no k-means. Raises the same errors ``quantize_`` raises first."""
+    plan = make_plan(model, cfg)
+    meta, left = model_meta(model), _left_float(plan)
+    return choose_pool_sizes(plan, cfg, lambda p: size_report(_structure_from_plan(model, p), meta, cfg, left))
+
+
+def quantize_(
+    model: nn.Module,
+    cfg: QuantConfig,
+    device: torch.device | str | None = None,
+    progress: Progress | None = None,
+) -> SizeReport:
+    """Replace every selected weight of ``model`` by a PQ module, in place; return the size report.
+
+    ``device``: where k-means runs (defaults to the weight's device). Raises before any k-means
+    if a layer's shape, a pattern or the size budget is wrong.
+    """
+    plan = make_plan(model, cfg)
+    meta = model_meta(model)
+    left = _left_float(plan)
+    choose_pool_sizes(plan, cfg, lambda p: size_report(_structure_from_plan(model, p), meta, cfg, left))
+    t0 = time.perf_counter()
+    for i, layer in enumerate(plan.layers):
+        if progress is not None:
+            progress(layer.param_name, i, len(plan.layers))
+        module = model.get_submodule(layer.module_name)
+        W = module.weight.detach()
+        work = torch.device(device) if device is not None else W.device
+        X = to_groups(W.to(work, torch.float32), layer.geo)  # (G, N, d)
+        seed = cfg.seed + i  # a different but reproducible seed per layer
+        C, codes = _run_kmeans(X, layer.K, cfg, seed)  # (G, K, d), (G, N)
+        pq = PQWeight(layer.geo, layer.K, layer.pool_size)
+        if layer.pool_size is None:
+            pq.set_codebooks(C.half().float())
+        else:
+            pool, pointers, codes = build_pool(X, C, codes, layer.pool_size, cfg.pool.importance, cfg.pool.iters, seed)
+            pq.set_pool(pool.half().float(), pointers)
+            # The pool was rounded to fp16: re-assign against what will actually be stored.
+            codes, _ = nearest(X, pq.effective_codebooks().detach().to(work))
+        pq.codes.copy_(codes.to(pq.codes.dtype).cpu())
+        pq.to(W.device)
+        _set_module(model, layer.module_name, wrap_module(module, pq).to(W.device))
+    model.dpq_info = {
+        "quant": cfg.to_dict(),
+        "left_float": left,
+        "float_names": [f.name for f in plan.floats],
+        "kmeans_seconds": time.perf_counter() - t0,
+    }
+    round_to_storage_(model)
+    return report_of(model)
+
+
+def report_of(model: nn.Module) -> SizeReport:
+    """The size report of an already quantized model (also after loading a packed file)."""
+    info = getattr(model, "dpq_info", None)
+    if info is None:
+        raise ValueError("model is not quantized: run quantize_ first or load a packed file")
+    cfg = QuantConfig.from_dict(info["quant"])
+    report = size_report(structure_of(model), model_meta(model), cfg, info["left_float"])
+    report.target_bits = target_bits_of(cfg)
+    return report

@@ -1,0 +1,59 @@
+"""The user-facing commands: train.py (stage 1 on the quickstart), dpq plan, dpq inspect."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from dpq_lightning.cli import main as dpq_main
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_train_quickstart_stage1(tmp_path):
+    """The README's main-job command, on the embedded default (stage 1 for now)."""
+    out = tmp_path / "qs"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    proc = subprocess.run(
+        [sys.executable, "train.py", "--config", "configs/quickstart.yaml", f"output_dir={out}"],
+        cwd=ROOT, capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ratio vs FP32" in proc.stdout
+    summary = json.loads((out / "report.json").read_text())["summary"]
+    size = (out / "model.dpq").stat().st_size
+    assert abs(size / summary["total_bytes"] - 1) < 0.03
+    assert summary["nominal_bits"] == 1.0
+    assert (out / "config.yaml").read_text().count("quickstart") >= 1
+
+
+def test_train_reports_bad_config_key(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "train.py", "--config", "configs/quickstart.yaml", "quant.bogus=1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "quant.bogus" in proc.stderr
+
+
+def test_dpq_plan_prints_full_scale_table(capsys):
+    assert dpq_main(["plan", "--config", "configs/dpq_1bit.yaml", "--totals"]) == 0
+    out = capsys.readouterr().out
+    assert "learnable parameters : 674,834,720" in out
+    assert "-> MET" in out
+
+
+def test_dpq_inspect_and_errors(small_dit, tmp_path, capsys):
+    from conftest import BITS, SMALL_OVERRIDES
+
+    from dpq_lightning.packed import save_packed
+    from dpq_lightning.quant import QuantConfig, quantize_
+
+    quantize_(small_dit, QuantConfig(**BITS[1], overrides=SMALL_OVERRIDES, kmeans_backend="torch"))
+    path = save_packed(small_dit, tmp_path / "m.dpq")
+    assert dpq_main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "blocks.0.attn.qkv.weight" in out and "file on disk" in out
+    assert dpq_main(["inspect", str(tmp_path / "nope.dpq")]) == 2
+    assert "packed model file not found" in capsys.readouterr().err

@@ -1,0 +1,179 @@
+"""The quantizer's tensor math: geometry, bit packing, k-means, pool, accounting, budget."""
+
+import ast
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from dpq_lightning.quant import bitpack
+from dpq_lightning.quant.accounting import pq_param_size
+from dpq_lightning.quant.geometry import GeometryError, column_block_of, from_groups, make_geometry, to_groups
+from dpq_lightning.quant.kmeans import kmeans, kmeans_faiss, nearest
+from dpq_lightning.quant.pool import build_pool, codeword_importance
+
+
+@pytest.mark.parametrize("gran,rows", [("column", 0), ("layer", 0), ("rows", 4)])
+def test_groups_round_trip_and_layout(gran, rows):
+    w = torch.randn(12, 3, 2, 2)  # a conv weight, viewed as [12, 12]
+    geo = make_geometry("conv", tuple(w.shape), d=4, granularity=gran, group_rows=rows)
+    g = to_groups(w, geo)
+    assert g.shape == (geo.num_groups, geo.group_size, 4)
+    assert geo.num_groups * geo.group_size * 4 == w.numel()
+    assert torch.equal(from_groups(g, geo), w)
+    expected_groups = {"column": 3, "layer": 1, "rows": 3}[gran]
+    assert geo.num_groups == expected_groups
+    # column granularity: group m holds exactly column block m of every row
+    if gran == "column":
+        mat = w.reshape(12, 12)
+        assert torch.equal(g[1], mat[:, 4:8])
+    cb = column_block_of(geo)
+    assert cb.shape == (geo.num_groups, geo.group_size)
+    mat = w.reshape(12, 12)
+    # every sub-vector equals the matrix slice of its column block in some row
+    for gi in range(geo.num_groups):
+        for n in range(geo.group_size):
+            m = int(cb[gi, n])
+            assert any(torch.equal(g[gi, n], mat[r, 4 * m:4 * m + 4]) for r in range(12))
+
+
+def test_geometry_errors_name_the_layer():
+    with pytest.raises(GeometryError, match=r"blocks\.0\.attn\.qkv\.weight.*d=5.*width 12.*\(6, 12\)"):
+        make_geometry("blocks.0.attn.qkv.weight", (6, 12), d=5, granularity="column")
+    with pytest.raises(GeometryError, match="group_rows=4 must be a positive divisor of the 6 rows"):
+        make_geometry("x", (6, 12), d=4, granularity="rows", group_rows=4)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 5, 8, 9, 12, 16])
+def test_bitpack_round_trip_and_size(bits):
+    g = torch.Generator().manual_seed(bits)
+    n = 1001
+    codes = torch.randint(0, 2**bits, (n,), generator=g)
+    packed = bitpack.pack(codes, bits)
+    assert packed.dtype == torch.uint8
+    assert packed.numel() == math.ceil(n * bits / 8)
+    assert torch.equal(bitpack.unpack(packed, bits, n), codes)
+
+
+def test_bitpack_rejects_out_of_range_and_wrong_length():
+    with pytest.raises(ValueError, match=r"\[0, 4\)"):
+        bitpack.pack(torch.tensor([4]), 2)
+    with pytest.raises(ValueError, match="need 2"):
+        bitpack.unpack(torch.zeros(3, dtype=torch.uint8), 2, 5)
+
+
+def _clusters(G=3, K=4, per=50, d=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(G, K, d, generator=g) * 10
+    X = centers.repeat_interleave(per, dim=1) + 0.01 * torch.randn(G, K * per, d, generator=g)
+    return X, centers
+
+
+def test_kmeans_recovers_separated_clusters():
+    X, centers = _clusters()
+    C, idx = kmeans(X, 4, iters=15, seed=0, init="kmeans++")
+    assert C.shape == (3, 4, 4 // 2) and idx.shape == (3, 200)
+    # each true centre has a centroid within 0.05
+    dist = torch.cdist(centers, C).min(dim=-1).values
+    assert float(dist.max()) < 0.05
+    # the assignments are the nearest centroids
+    idx2, _ = nearest(X, C)
+    assert torch.equal(idx, idx2)
+
+
+def test_random_init_is_a_valid_clustering():
+    X, _ = _clusters()
+    C, idx = kmeans(X, 4, iters=15, seed=0, init="random")
+    # Lloyd from random seeds may merge two true clusters, but never does worse than one centroid
+    one = (X - X.mean(1, keepdim=True)).pow(2).sum(-1).mean()
+    got = (X - torch.gather(C, 1, idx.unsqueeze(-1).expand(-1, -1, 2))).pow(2).sum(-1).mean()
+    assert float(got) < 0.5 * float(one)
+    assert torch.equal(idx, nearest(X, C)[0])
+
+
+def test_kmeans_is_seeded_and_chunk_invariant():
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(5, 300, 4, generator=g)
+    a = kmeans(X, 16, iters=5, seed=7)
+    b = kmeans(X, 16, iters=5, seed=7, max_chunk_bytes=5 * 16 * 4 * 7)  # 7-point chunks
+    c = kmeans(X, 16, iters=5, seed=8)
+    assert torch.allclose(a[0], b[0], atol=1e-5) and torch.equal(a[1], b[1])
+    assert not torch.allclose(a[0], c[0])
+
+
+def test_kmeans_k_larger_than_points():
+    with pytest.raises(ValueError, match="K=9 centroids but a group has only N=8 points"):
+        kmeans(torch.randn(2, 8, 2), 9)
+
+
+def test_kmeans_weights_pull_centroid():
+    X = torch.tensor([[[0.0], [1.0]]])
+    C, _ = kmeans(X, 1, iters=3, weights=torch.tensor([[3.0, 1.0]]), init="random")
+    assert abs(float(C) - 0.25) < 1e-6
+
+
+def test_faiss_backend_matches_quality():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(4, 512, 4, generator=g)
+    C1, i1 = kmeans(X, 16, iters=20, seed=0, init="random")
+    C2, i2 = kmeans_faiss(X, 16, iters=20, seed=0)
+    e1 = (X - torch.gather(C1, 1, i1.unsqueeze(-1).expand(-1, -1, 4))).pow(2).mean()
+    e2 = (X - torch.gather(C2, 1, i2.unsqueeze(-1).expand(-1, -1, 4))).pow(2).mean()
+    assert abs(float(e1) / float(e2) - 1) < 0.1  # same objective, within 10%
+
+
+def test_pool_shrinks_codebooks_at_bounded_cost():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(16, 256, 4, generator=g)  # 16 groups
+    C, codes = kmeans(X, 16, iters=10, seed=0)
+    err_cb = (X - torch.gather(C, 1, codes.unsqueeze(-1).expand(-1, -1, 4))).pow(2).mean()
+    pool, ptr, new_codes = build_pool(X, C, codes, pool_size=64, seed=0)  # 256 codewords -> 64
+    assert pool.shape == (64, 4) and ptr.shape == (16, 16) and new_codes.shape == (16, 256)
+    assert int(ptr.min()) >= 0 and int(ptr.max()) < 64
+    pooled = pool[ptr]
+    err_pool = (X - torch.gather(pooled, 1, new_codes.unsqueeze(-1).expand(-1, -1, 4))).pow(2).mean()
+    # pooling 4:1 costs accuracy, but far less than falling back to noise (error of 0 codebook = 1.0)
+    assert float(err_cb) < float(err_pool) < 1.6 * float(err_cb)
+    # re-assignment is to the nearest pooled codeword
+    assert torch.equal(new_codes, nearest(X, pooled)[0])
+
+
+def test_importance_counts_usage():
+    X = torch.ones(1, 5, 2)
+    codes = torch.tensor([[0, 0, 2, 2, 2]])
+    assert codeword_importance(X, codes, 3, "count").tolist() == [[2.0, 0.0, 3.0]]
+    assert codeword_importance(2 * X, codes, 3, "count_norm").tolist() == [[16.0, 0.0, 24.0]]
+
+
+def test_accounting_by_hand():
+    # Linear 64 x 32, d=4, K=16, one codebook per column block: G=8 groups of N=64 sub-vectors
+    row = pq_param_size("fc.weight", (64, 32), d=4, K=16, groups=8, group_size=64, pool_size=None, in_blocks=True)
+    assert row.code_bits == 8 * 64 * 4  # log2(16) = 4 bits per sub-vector
+    assert row.codebook_bits == 8 * 16 * 4 * 16  # fp16 codebooks
+    assert row.nominal_bits == 1.0
+    pooled = pq_param_size("fc.weight", (64, 32), d=4, K=16, groups=8, group_size=64, pool_size=32, in_blocks=True)
+    assert pooled.pointer_bits == 8 * 16 * 5  # 32-entry pool -> 5-bit pointers
+    assert pooled.pool_bits == 32 * 4 * 16
+    assert pooled.total_bits == 2048 + 640 + 2048
+
+
+def test_quant_core_imports_only_torch():
+    """Dependencies point inward: quant/ imports torch and the standard library only (faiss and
+    numpy appear lazily inside the optional faiss backend)."""
+    allowed = {"torch", "math", "dataclasses", "typing", "fnmatch", "json", "time", "__future__"}
+    lazy_ok = {"faiss", "numpy"}
+    root = Path(__file__).parents[1] / "dpq_lightning" / "quant"
+    files = sorted(root.glob("*.py"))
+    assert len(files) >= 8
+    for f in files:
+        tree = ast.parse(f.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                if isinstance(node, ast.ImportFrom) and node.level > 0:
+                    continue
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+                for n in names:
+                    top = n.split(".")[0]
+                    top_level = node in tree.body
+                    assert top in allowed or (top in lazy_ok and not top_level), f"{f.name} imports {n}"
