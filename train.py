@@ -1,7 +1,9 @@
 """Entry point: ``python train.py --config configs/dpq_1bit.yaml [key=value ...]``.
 
-Stage 1 (product quantization + codebook pool) runs now; calibration as Lightning training is
-the next stage to land. All logic lives in importable functions (dpq_lightning.stage1).
+Builds the full-precision teacher, runs stage 1 once (product quantization + codebook pool),
+calibrates the compressed model against the frozen teacher as Lightning training, and exports
+the calibrated model as a packed file. ``stage1_only=true`` stops after stage 1. All logic lives
+in importable functions (``dpq_lightning.run``, ``dpq_lightning.stage1``).
 """
 
 from __future__ import annotations
@@ -17,16 +19,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from dpq_lightning.config import load_config
-    from dpq_lightning.stage1 import run_stage1
 
     try:
         cfg = load_config(args.config, args.overrides)
-        _, report, path = run_stage1(cfg)
-    except (ValueError, FileNotFoundError) as err:
+        if cfg.stage1_only:
+            from dpq_lightning.stage1 import run_stage1
+
+            _, report, path = run_stage1(cfg)
+            print(report.table(per_param=False))
+            print(f"packed model: {path}  (inspect it with: dpq inspect {path})")
+            return 0
+        from dpq_lightning.run import run
+
+        summary = run(cfg)
+    except (ValueError, FileNotFoundError, TimeoutError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(report.table(per_param=False))
-    print(f"packed model: {path}  (inspect it with: dpq inspect {path})")
+    except RuntimeError as err:  # e.g. NonFiniteLossError: the last good checkpoint is kept
+        print(f"error: {err}", file=sys.stderr)
+        return 3
+    if summary:
+        s = summary["size"]
+        print(f"calibrated {summary['steps']} steps; packed model: {summary['packed']}")
+        print(f"size: {s['total_bytes'] / 2**20:.3f} MiB, {s['ratio']:.2f}x vs FP32, "
+              f"{s['effective_bits']:.3f} effective bits per parameter")
     return 0
 
 

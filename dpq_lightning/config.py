@@ -16,6 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .calib_config import CalibConfig
 from .quant.config import QuantConfig, QuantConfigError
 
 
@@ -35,6 +36,53 @@ class ModelConfig:
 
 
 @dataclass
+class DataConfig:
+    """Where calibration inputs come from. ``kind``: ``digits`` (the embedded default),
+    ``latents`` (streamed shards from data/extract_latents.py) or ``teacher`` (zero-data: samples
+    the teacher generates from noise, written once as shards under ``path``)."""
+
+    kind: str = "latents"
+    path: str | None = None  # shard directory (latents, teacher)
+    global_batch_size: int = 256  # = per-device batch x devices x nodes
+    num_workers: int = 0
+    shuffle: bool = True
+    cache_dir: str | None = None  # digits: where its shards are written once
+    teacher_samples: int = 10000  # teacher: how many samples to generate
+    teacher_steps: int = 50  # teacher: DDIM steps per sample
+    teacher_cfg_scale: float = 1.0  # teacher: classifier-free guidance while generating
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning Trainer settings for calibration."""
+
+    accelerator: str = "auto"
+    devices: int = 1  # per node
+    num_nodes: int = 1
+    strategy: str = "auto"  # ddp on several devices
+    precision: str = "32-true"  # bf16-mixed on GPU
+    max_steps: int = 1000
+    gradient_clip_val: float | None = 1.0
+    log_every_n_steps: int = 10
+    ckpt_every_n_steps: int = 100
+    resume: str = "auto"  # auto: last.ckpt in output_dir if present; never; or a checkpoint path
+    deterministic: bool = False
+    progress_bar: bool = True
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases logging through Lightning's WandbLogger (CSV logs when disabled)."""
+
+    enabled: bool = False
+    project: str = "dpq_lightning"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    mode: str = "offline"  # online | offline | disabled
+
+
+@dataclass
 class RunConfig:
     """Everything one run needs. Sections map to components; only entry points see it whole."""
 
@@ -43,6 +91,11 @@ class RunConfig:
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    stage1_only: bool = False  # stop after stage 1 (size report + packed file), no calibration
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
@@ -90,7 +143,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise _explain(err, f"config {path}") from err
-    except QuantConfigError as err:
+    except (QuantConfigError, ValueError) as err:  # __post_init__ validation of a section
         raise ConfigError(f"config {path}: {err}") from err
     return cfg
 

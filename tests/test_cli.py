@@ -11,21 +11,36 @@ from dpq_lightning.cli import main as dpq_main
 ROOT = Path(__file__).parents[1]
 
 
-def test_train_quickstart_stage1(tmp_path):
-    """The README's main-job command, on the embedded default (stage 1 for now)."""
+def test_train_quickstart_main_job(tmp_path):
+    """The README's main-job command on the embedded default (shortened to 20 steps here; CI
+    runs it in full): shipped teacher -> stage 1 -> calibration -> packed export."""
     out = tmp_path / "qs"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "2"}
     proc = subprocess.run(
-        [sys.executable, "train.py", "--config", "configs/quickstart.yaml", f"output_dir={out}"],
+        [sys.executable, "train.py", "--config", "configs/quickstart.yaml", f"output_dir={out}",
+         "trainer.max_steps=20", "trainer.progress_bar=false", f"data.cache_dir={tmp_path / 'cache'}"],
         cwd=ROOT, capture_output=True, text=True, env=env, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "ratio vs FP32" in proc.stdout
-    summary = json.loads((out / "report.json").read_text())["summary"]
+    assert "calibrated 20 steps" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
     size = (out / "model.dpq").stat().st_size
-    assert abs(size / summary["total_bytes"] - 1) < 0.03
-    assert summary["nominal_bits"] == 1.0
+    assert abs(size / summary["size"]["total_bytes"] - 1) < 0.03
+    assert summary["size"]["nominal_bits"] == 1.0 and summary["steps"] == 20
     assert (out / "config.yaml").read_text().count("quickstart") >= 1
+    assert (out / "stage1.dpq").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_train_stage1_only(tmp_path):
+    out = tmp_path / "s1"
+    proc = subprocess.run(
+        [sys.executable, "train.py", "--config", "configs/quickstart.yaml", f"output_dir={out}", "stage1_only=true"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ratio vs FP32" in proc.stdout
+    report = json.loads((out / "report.json").read_text())["summary"]
+    assert abs((out / "model.dpq").stat().st_size / report["total_bytes"] - 1) < 0.03
 
 
 def test_train_reports_bad_config_key(tmp_path):

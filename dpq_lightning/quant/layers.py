@@ -30,6 +30,7 @@ class PQWeight(nn.Module):
         self.K = K
         G, N, d = geo.num_groups, geo.group_size, geo.d
         self.register_buffer("codes", torch.zeros(G, N, dtype=_code_dtype(K)))  # (G, N)
+        self.register_parameter("soft_logits", None)  # (G, N, n) while soft candidates are on
         if pool_size is None:
             self.set_codebooks(torch.zeros(G, K, d))  # (G, K, d)
         else:
@@ -64,17 +65,62 @@ class PQWeight(nn.Module):
 
     def flat_index(self) -> torch.Tensor:
         """Row of the (pool or flattened codebook) table used by each sub-vector: ``[G, N]``."""
+        return self._rows_of(self.codes)
+
+    def _table(self) -> torch.Tensor:
+        return self.codebooks.reshape(-1, self.geo.d) if self.pool is None else self.pool  # (rows, d)
+
+    def _rows_of(self, codes: torch.Tensor) -> torch.Tensor:
+        """Table row of codes ``[G, N, ...]`` (codewords of each sub-vector's own group)."""
         G, K = self.geo.num_groups, self.K
-        offsets = torch.arange(G, device=self.codes.device).unsqueeze(1) * K  # (G, 1)
-        idx = self.codes.long() + offsets  # (G, N): row of the flattened [G*K, d] codebooks
-        if self.pool is None:
-            return idx
-        return self.pointers.long().reshape(-1)[idx]  # (G, N): row of the pool
+        offsets = (torch.arange(G, device=codes.device) * K).reshape(G, *([1] * (codes.dim() - 1)))
+        idx = codes.long() + offsets
+        return idx if self.pool is None else self.pointers.long().reshape(-1)[idx]
 
     def forward(self) -> torch.Tensor:
-        table = self.codebooks.reshape(-1, self.geo.d) if self.pool is None else self.pool  # (rows, d)
+        table = self._table()
+        if self.soft_logits is not None:
+            return from_groups(self._soft_groups(table), self.geo)
         groups = table[self.flat_index()]  # (G, N, d)
         return from_groups(groups, self.geo)  # original weight shape
+
+    # ---- soft candidates (VQ4DiT-style assignment, an ablation of the calibration) ----------
+    def start_soft(self, X: torch.Tensor, n: int, temperature: float = 1.0) -> None:
+        """Each sub-vector mixes its ``n`` nearest codewords to the teacher's ``X [G, N, d]``
+        with learnable softmax ratios (initialised from distances); hard codes stay in ``codes``."""
+        C = self.effective_codebooks().detach()  # (G, K, d)
+        dist = torch.cdist(X.float(), C.float())  # (G, N, K)
+        d_n, cand = dist.topk(min(n, self.K), dim=-1, largest=False)  # (G, N, n)
+        self.register_buffer("soft_cand", cand.to(self.codes.dtype))
+        self.register_buffer("soft_frozen", torch.zeros(cand.shape[:2], dtype=torch.bool, device=cand.device))
+        scale = d_n.mean().clamp_min(1e-12)
+        self.soft_logits = nn.Parameter(-(d_n / scale) / temperature)  # (G, N, n)
+
+    def _soft_groups(self, table: torch.Tensor) -> torch.Tensor:
+        vecs = table[self._rows_of(self.soft_cand)]  # (G, N, n, d)
+        probs = torch.softmax(self.soft_logits, dim=-1)  # (G, N, n)
+        hard = torch.nn.functional.one_hot(probs.argmax(-1), probs.shape[-1]).to(probs.dtype)
+        probs = torch.where(self.soft_frozen.unsqueeze(-1), hard, probs)  # frozen: exactly one codeword
+        return (probs.unsqueeze(-1) * vecs).sum(-2)  # (G, N, d)
+
+    @torch.no_grad()
+    def soft_step(self, threshold: float) -> int:
+        """Freeze sub-vectors whose top ratio exceeds ``threshold``; refresh the hard ``codes`` to
+        every sub-vector's current best candidate. Returns how many are frozen now."""
+        probs = torch.softmax(self.soft_logits, dim=-1)
+        top, pos = probs.max(-1)  # (G, N)
+        self.soft_frozen |= top > threshold
+        self.codes.copy_(self.soft_cand.long().gather(-1, pos.unsqueeze(-1)).squeeze(-1).to(self.codes.dtype))
+        return int(self.soft_frozen.sum())
+
+    def end_soft(self) -> None:
+        """Back to hard codes (the argmax candidate of every sub-vector)."""
+        if self.soft_logits is None:
+            return
+        self.soft_step(2.0)  # refresh codes, freeze nothing new
+        self.soft_logits = None
+        for name in ("soft_cand", "soft_frozen"):
+            delattr(self, name)
 
     def extra_repr(self) -> str:
         g = self.geo

@@ -166,8 +166,8 @@ def quantize_(
         else:
             pool, pointers, codes = build_pool(X, C, codes, layer.pool_size, cfg.pool.importance, cfg.pool.iters, seed)
             pq.set_pool(pool.half().float(), pointers)
-            # The pool was rounded to fp16: re-assign against what will actually be stored.
-            codes, _ = nearest(X, pq.effective_codebooks().detach().to(work))
+        # Codebooks/pool were rounded to fp16: assign against what will actually be stored.
+        codes, _ = nearest(X, pq.effective_codebooks().detach().to(work))
         pq.codes.copy_(codes.to(pq.codes.dtype).cpu())
         pq.to(W.device)
         _set_module(model, layer.module_name, wrap_module(module, pq).to(W.device))

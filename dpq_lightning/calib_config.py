@@ -1,0 +1,39 @@
+"""Settings of stage 2 (calibration): a plain dataclass, importable without Lightning."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+RULES = ("output_aware", "nearest", "frozen", "soft")
+
+
+@dataclass
+class CalibConfig:
+    """Loss weights, assignment rule, optimisation. (Steps, devices, precision: ``trainer``.)"""
+
+    w_rec: float = 1.0  # block-output reconstruction
+    w_ddpm: float = 1.0  # eps MSE of the student against the true noise
+    w_vb: float = 1.0  # variational-bound term (learned-sigma channels), inside the DDPM loss
+    w_out: float = 0.0  # final-output matching against the teacher
+    assignment: str = "output_aware"  # output_aware | nearest | frozen | soft
+    assign_every: int = 50  # steps between assignment adjustments (1 = every step)
+    assign_damp: float = 0.01  # H + damp * mean(diag H) * I
+    soft_candidates: int = 4  # soft rule: nearest codewords mixed per sub-vector
+    soft_threshold: float = 0.95  # soft rule: freeze a sub-vector once its top ratio exceeds this
+    train_floats: bool = False  # also train biases/norms (and excluded weights) kept in float
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "constant"  # constant | cosine (to lr * min_lr_ratio at max_steps)
+    min_lr_ratio: float = 0.1
+    label_dropout: float = 0.1  # DiT's classifier-free-guidance label dropout (same mask for both)
+
+    def __post_init__(self) -> None:
+        if self.assignment not in RULES:
+            raise ValueError(f"calib.assignment must be one of {RULES}, got {self.assignment!r}")
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"calib.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+        if self.assign_every < 1:
+            raise ValueError(f"calib.assign_every must be >= 1, got {self.assign_every}")
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise ValueError(f"calib.label_dropout must be in [0, 1), got {self.label_dropout}")

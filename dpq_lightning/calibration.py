@@ -1,0 +1,198 @@
+"""Stage 2 of DPQ: calibrate the compressed DiT against the frozen full-precision teacher.
+
+One training step (``training_step``):
+  draw ``t``, noise and the label-dropout mask ONCE; both models see the same ``x_t, t, y``;
+  loss = ``w_rec * mean_b |h_s^b - h_t^b|^2 / |h_t^b|^2``  (block outputs, normalised per block)
+       + ``w_ddpm * (eps MSE + w_vb * variational bound)``    (DiT's own loss, learned sigma)
+       + ``w_out * |out_s - out_t|^2``                       (optional final-output matching).
+Backward reaches the pool/codebooks through the gather that rebuilds each weight; codes take
+no gradient. Every ``assign_every`` steps the codes are re-chosen (forward-pass adjustment) by
+the configured rule from the teacher's weights, the current codebooks and the running input
+moments (all-reduced first, so every rank computes the same codes).
+
+The teacher is held outside the module tree: never in ``state_dict``/checkpoints, never
+trained, always in eval mode; runs rebuild it from its path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+from torch import nn
+
+from .calib_config import CalibConfig
+from .diffusion import Schedule, ddpm_loss
+from .models.hooks import BlockOutputRecorder
+from .quant import PQ_MODULES
+from .quant.assign import assign
+from .quant.geometry import to_groups
+from .quant.stats import InputMoments
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; training stops, the last good checkpoint is kept."""
+
+
+class DPQCalibration(L.LightningModule):
+    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: CalibConfig, seed: int = 0,
+                 max_steps: int | None = None, run_config: str | None = None):
+        super().__init__()
+        self.student = student.train()  # train mode: input moments are collected in training only
+        self.__dict__["teacher"] = teacher.eval().requires_grad_(False)  # hidden from the module tree
+        self.cfg = cfg
+        self.seed = seed
+        self.max_steps = max_steps
+        self.run_config = run_config
+        self.schedule = Schedule.linear()
+        self.moments = InputMoments(student)
+        self._pq = {n: m for n, m in student.named_modules() if isinstance(m, PQ_MODULES)}
+        if not self._pq:
+            raise ValueError("the student has no quantized layers: run stage 1 (quantize_) first")
+        self._rec_s = BlockOutputRecorder(student)
+        self._rec_t = BlockOutputRecorder(teacher, detach=True)
+        self._teacher_w = dict(teacher.named_parameters())
+        if cfg.label_dropout > 0:
+            student.null_class  # noqa: B018 - raises a clear error if the DiT has no null class
+        self._set_trainable()
+
+    # ---- what trains ---------------------------------------------------------------------
+    def _set_trainable(self) -> None:
+        pq_names = {f"{n}.weight_pq.{s}" for n in self._pq for s in ("codebooks", "pool", "soft_logits")}
+        float_names = set(getattr(self.student, "dpq_info", {}).get("float_names", []))
+        for name, p in self.student.named_parameters():
+            p.requires_grad_(name in pq_names or (self.cfg.train_floats and name in float_names))
+
+    def trainable_names(self) -> list[str]:
+        return sorted(n for n, p in self.student.named_parameters() if p.requires_grad)
+
+    def configure_optimizers(self):
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _lr_factor(self, step: int) -> float:
+        c = self.cfg
+        if c.warmup_steps and step < c.warmup_steps:
+            return (step + 1) / c.warmup_steps
+        if c.schedule == "cosine" and self.max_steps:
+            span = max(1, self.max_steps - c.warmup_steps)
+            p = min(1.0, (step - c.warmup_steps) / span)
+            return c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+        return 1.0
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        # Before any checkpoint is restored: the soft rule adds parameters that must exist then.
+        if self.cfg.assignment == "soft":
+            for name, mod in self._pq.items():
+                w = mod.weight_pq
+                if w.soft_logits is None:
+                    X = to_groups(self._teacher_w[f"{name}.weight"].detach().float(), w.geo)
+                    w.start_soft(X.to(w.codes.device), self.cfg.soft_candidates)
+            self._set_trainable()
+
+    def on_fit_start(self) -> None:
+        self.teacher.to(self.device).eval()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.run_config is not None:
+            checkpoint["dpq_config"] = self.run_config  # the resolved YAML of the run
+        assert not any(k.startswith("teacher.") for k in checkpoint["state_dict"])
+
+    # ---- one step --------------------------------------------------------------------------
+    def _draw(self, x0: torch.Tensor, y: torch.Tensor):
+        """t, noise and label-dropout mask, drawn once from a generator keyed by (seed, step,
+        rank): resuming at step k draws exactly what an uninterrupted run drew at step k."""
+        g = torch.Generator(device="cpu").manual_seed(
+            self.seed * 1_000_003 + self.global_step * 7919 + self.global_rank
+        )
+        B = x0.shape[0]
+        t = torch.randint(0, self.schedule.num_steps, (B,), generator=g)
+        noise = torch.randn(x0.shape, generator=g, dtype=torch.float32)
+        drop = torch.rand(B, generator=g) < self.cfg.label_dropout
+        y = torch.where(drop.to(y.device), torch.full_like(y, self.student.num_classes), y)
+        return t.to(x0.device), noise.to(x0.device, x0.dtype), y
+
+    def compute_losses(self, x0: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        t, noise, y = self._draw(x0, y)
+        x_t = self.schedule.q_sample(x0, t, noise)
+        with torch.no_grad():
+            out_t = self.teacher(x_t, t, y)
+        h_t = list(self._rec_t.outputs)
+        out_s = self.student(x_t, t, y)
+        h_s = list(self._rec_s.outputs)
+        rec = torch.stack([
+            (hs.float() - ht.float()).pow(2).sum() / ht.float().pow(2).sum().clamp_min(1e-12)
+            for hs, ht in zip(h_s, h_t)
+        ]).mean()
+        mse, vb = ddpm_loss(self.schedule, out_s.float(), x0.float(), x_t.float(), t, noise.float())
+        out = (out_s.float() - out_t.float()).pow(2).mean()
+        c = self.cfg
+        loss = c.w_rec * rec + c.w_ddpm * (mse + c.w_vb * vb) + c.w_out * out
+        return {"loss": loss, "loss_rec": rec, "loss_ddpm": mse, "loss_vb": vb, "loss_out": out}
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        losses = self.compute_losses(batch["x"], batch["y"])
+        if not all(torch.isfinite(v) for v in losses.values()):
+            bad = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
+            raise NonFiniteLossError(
+                f"non-finite loss at step {self.global_step} ({bad}); training stopped. "
+                f"The last good checkpoint is kept: resume from it with a lower calib.lr or check the data."
+            )
+        B = batch["x"].shape[0]
+        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, batch_size=B, prog_bar=False)
+        c = self.cfg
+        self.log_dict({"train/w_rec": c.w_rec, "train/w_ddpm": c.w_ddpm, "train/w_vb": c.w_vb,
+                       "train/w_out": c.w_out}, batch_size=B)
+        self.log("train/loss_total", losses["loss"].detach(), prog_bar=True, batch_size=B)
+        return losses["loss"]
+
+    # ---- forward-pass assignment adjustment -------------------------------------------------
+    def on_after_backward(self) -> None:
+        # Every step, before checkpoint callbacks run: the moments in any checkpoint are then the
+        # exact global totals (DDP: summed over ranks), so a resumed run reproduces them.
+        self.moments.flush(self._reduce_sum)
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        # Adjusting at the start of step k+1 (not the end of step k) puts the adjustment after any
+        # checkpoint saved at step k, so resuming from it redoes exactly this adjustment.
+        rule = self.cfg.assignment
+        step = self.global_step
+        if rule == "frozen" or step == 0 or step % self.cfg.assign_every != 0:
+            return
+        if rule == "soft":
+            frozen = sum(m.weight_pq.soft_step(self.cfg.soft_threshold) for m in self._pq.values())
+            total = sum(m.weight_pq.codes.numel() for m in self._pq.values())
+            self.log("assign/frozen_frac", frozen / total, batch_size=1)
+            return
+        changed, total = self.adjust_assignments()
+        self.log("assign/changed_frac", changed / max(1, total), batch_size=1)
+
+    def _reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self._trainer is not None and self.trainer.world_size > 1:
+            return self.trainer.strategy.reduce(tensor, reduce_op="sum")
+        return tensor
+
+    @torch.no_grad()
+    def adjust_assignments(self) -> tuple[int, int]:
+        """Re-choose every code by the rule; return (codes changed, codes total)."""
+        changed = total = 0
+        for name, mod in self._pq.items():
+            w = mod.weight_pq
+            H = None
+            if self.cfg.assignment == "output_aware" and name in self.moments.names:
+                H = self.moments.second_moment(name)  # identical on every rank (see flush)
+            X = to_groups(self._teacher_w[f"{name}.weight"].detach().to(w.codes.device).float(), w.geo)
+            new = assign(self.cfg.assignment, X, w.effective_codebooks().detach(), w.geo, H, self.cfg.assign_damp)
+            changed += int((new != w.codes.long()).sum())
+            total += new.numel()
+            w.codes.copy_(new.to(w.codes.dtype))
+        return changed, total
+
+    def export_student(self) -> nn.Module:
+        """The calibrated student with hard codes, ready for ``save_packed``."""
+        for m in self._pq.values():
+            m.weight_pq.end_soft()
+        return self.student

@@ -1,0 +1,81 @@
+"""Assignment rules: which codeword each sub-vector uses, given the (current) codebooks.
+
+* ``nearest``: ``argmin_k |w - c_k|^2`` - weight-space error.
+* ``output_aware`` (DPQ's forward-pass adjustment, our reconstruction): ``argmin_k
+  (w - c_k)^T H (w - c_k)`` where ``w`` is the teacher's sub-vector and ``H = E[x x^T]`` the second
+  moment of the layer's inputs over the ``d`` columns that sub-vector multiplies. For one output
+  row, the output error is ``sum_m (w_m - c_m)^T x_m``; its expected square is
+  ``sum_m (w_m - c_m)^T H_m (w_m - c_m)`` plus cross-block terms this rule ignores (as PQ does).
+  With ``H = I`` it is ``nearest``.
+
+``H`` is given per column block: ``[M, d, d]``. A small damping ``lambda * mean(diag H) * I`` keeps
+blocks with (near-)zero input energy well posed; it pulls the rule toward ``nearest`` there.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .geometry import Geometry
+from .kmeans import DEFAULT_CHUNK_BYTES, nearest
+
+
+def damped(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """``H + damp * mean(diag(H)) * I`` per block: ``[M, d, d] -> [M, d, d]``."""
+    d = H.shape[-1]
+    eye = torch.eye(d, dtype=H.dtype, device=H.device)
+    scale = torch.diagonal(H, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)  # (M,)
+    return H + damp * scale[:, None, None] * eye
+
+
+def assign_output_aware(
+    X: torch.Tensor,
+    C: torch.Tensor,
+    H: torch.Tensor,
+    geo: Geometry,
+    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> torch.Tensor:
+    """Codes minimising ``(w - c)^T H_m (w - c)``.
+
+    Args:
+        X: teacher sub-vectors ``[G, N, d]`` laid out by ``geo``.
+        C: codebooks ``[G, K, d]``.
+        H: symmetric second moments per column block ``[M, d, d]`` (already damped).
+
+    Returns:
+        codes ``[G, N]`` (int64).
+    """
+    G, N, d = X.shape
+    K = C.shape[1]
+    gr, gc, M = geo.group_rows, geo.group_cols, geo.col_blocks
+    X, C, H = X.float(), C.float(), H.float()
+    # Group g = (row block, column-block block cbb) with cbb = g % (M / gc); it spans column
+    # blocks cbb*gc .. cbb*gc + gc - 1, and its sub-vector n = r*gc + j sits in block cbb*gc + j.
+    cbb = torch.arange(G, device=X.device) % (M // gc)  # (G,)
+    Hg = H.reshape(M // gc, gc, d, d)[cbb]  # (G, gc, d, d)
+    HC = torch.einsum("gjde,gke->gjkd", Hg, C)  # (G, gc, K, d): H_j c_k
+    Q = (HC * C.unsqueeze(1)).sum(-1)  # (G, gc, K): c_k^T H_j c_k
+    Xr = X.reshape(G, gr, gc, d)  # (G, gr, gc, d)
+    codes = torch.empty(G, gr, gc, dtype=torch.long, device=X.device)
+    step = max(1, min(gr, max_chunk_bytes // max(1, G * gc * K * 4)))
+    for s in range(0, gr, step):
+        x = Xr[:, s : s + step]  # (G, r, gc, d)
+        cross = torch.einsum("grjd,gjkd->grjk", x, HC)  # (G, r, gc, K): w^T H c
+        codes[:, s : s + step] = (Q.unsqueeze(1) - 2 * cross).argmin(-1)
+    return codes.reshape(G, N)
+
+
+def assign(
+    rule: str,
+    X: torch.Tensor,
+    C: torch.Tensor,
+    geo: Geometry,
+    H: torch.Tensor | None = None,
+    damp: float = 0.01,
+) -> torch.Tensor:
+    """Dispatch by rule name: ``"nearest"`` or ``"output_aware"`` (needs ``H [M, d, d]``)."""
+    if rule == "nearest" or (rule == "output_aware" and H is None):
+        return nearest(X.float(), C.float())[0]
+    if rule == "output_aware":
+        return assign_output_aware(X, C, damped(H, damp), geo)
+    raise ValueError(f"unknown assignment rule {rule!r}; expected 'nearest' or 'output_aware'")

@@ -1,0 +1,207 @@
+"""Stage 2: calibration as Lightning training against the frozen teacher."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from conftest import BITS, SMALL_ARCH, SMALL_OVERRIDES
+
+from dpq_lightning.calib_config import CalibConfig
+from dpq_lightning.calibration import DPQCalibration
+from dpq_lightning.config import load_config
+from dpq_lightning.data import DigitsDataModule
+from dpq_lightning.digits import load_digits_tensors
+from dpq_lightning.quant import QuantConfig, quantize_
+
+ROOT = Path(__file__).parents[1]
+
+
+def student_of(teacher, bits=1):
+    student = copy.deepcopy(teacher)
+    quantize_(student, QuantConfig(**BITS[bits], overrides=SMALL_OVERRIDES, kmeans_backend="torch"))
+    return student
+
+
+def fit(module, steps, cache_dir, batch=64):
+    dm = DigitsDataModule(batch, cache_dir=str(cache_dir), seed=0)
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=dm)
+    return trainer
+
+
+def test_trainable_set_is_exactly_the_codebooks(trained_small_dit):
+    teacher = copy.deepcopy(trained_small_dit)  # DPQCalibration freezes the teacher it is given
+    student = student_of(teacher)
+    m = DPQCalibration(student, teacher, CalibConfig())
+    names = m.trainable_names()
+    assert len(names) == 16 and all(n.endswith(".weight_pq.codebooks") for n in names)
+    with_floats = DPQCalibration(student, teacher, CalibConfig(train_floats=True)).trainable_names()
+    floats = set(student.dpq_info["float_names"])
+    assert set(with_floats) == set(names) | floats and len(floats) > 0
+    opt = DPQCalibration(student, teacher, CalibConfig()).configure_optimizers()["optimizer"]
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(
+        p.numel() for n, p in student.named_parameters() if n in names)
+
+
+def test_teacher_and_student_see_the_same_inputs(trained_small_dit):
+    teacher = copy.deepcopy(trained_small_dit)
+    m = DPQCalibration(student_of(teacher), teacher, CalibConfig(label_dropout=0.5))
+    seen = {}
+    teacher.register_forward_pre_hook(lambda mod, args: seen.__setitem__("t", [a.clone() for a in args]))
+    m.student.register_forward_pre_hook(lambda mod, args: seen.__setitem__("s", [a.clone() for a in args]))
+    x, y = load_digits_tensors()
+    m.compute_losses(x[:32], y[:32])
+    for a, b in zip(seen["t"], seen["s"]):
+        assert torch.equal(a, b)
+    labels = seen["s"][2]
+    assert int((labels == 10).sum()) > 0 and int((labels < 10).sum()) > 0  # the same dropped labels
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert not any(k.startswith("teacher") for k in m.state_dict())
+
+
+@pytest.mark.parametrize("rule", ["output_aware", "frozen"])
+def test_calibration_lowers_rec_and_ddpm_loss(trained_small_dit, tmp_path, rule):
+    """1-bit student: measured before/after 60 steps (lr 1e-3): rec 0.61 -> 0.02-0.05, eps-MSE
+    0.48 -> 0.12-0.13."""
+    teacher = copy.deepcopy(trained_small_dit)
+    m = DPQCalibration(student_of(teacher), teacher, CalibConfig(lr=1e-3, assignment=rule, assign_every=10))
+    x, y = load_digits_tensors()
+    with torch.no_grad():
+        before = {k: float(v) for k, v in m.compute_losses(x[:512], y[:512]).items()}
+    fit(m, 60, tmp_path)
+    m.export_student()
+    with torch.no_grad():
+        after = {k: float(v) for k, v in m.compute_losses(x[:512], y[:512]).items()}
+    assert after["loss_rec"] < 0.2 * before["loss_rec"]
+    assert after["loss_ddpm"] < 0.5 * before["loss_ddpm"]
+    assert not teacher.training
+
+
+def test_assignment_rules_change_codes(trained_small_dit):
+    teacher = copy.deepcopy(trained_small_dit)
+    student = student_of(teacher)
+    m = DPQCalibration(student, teacher, CalibConfig(assignment="nearest"))
+    changed, total = m.adjust_assignments()
+    assert total == sum(mod.weight_pq.codes.numel() for mod in m._pq.values())
+    assert changed == 0  # right after k-means the codes already are the nearest codewords
+    m.cfg.assignment = "output_aware"
+    x, y = load_digits_tensors()
+    m.train()
+    m.compute_losses(x[:256], y[:256])  # collects input moments
+    m.moments.flush()
+    changed, _ = m.adjust_assignments()
+    assert changed > 0  # input-weighted error prefers other codewords for some sub-vectors
+
+
+def _run_cfg(tmp_path, teacher_path, name, *extra):
+    return [
+        f"output_dir={tmp_path / name}", f"model.checkpoint={teacher_path}", "model.random_init=false",
+        "model.name=DiT-T/2", *[f"model.arch.{k}={v}" for k, v in SMALL_ARCH.items()],
+        "data.kind=digits", f"data.cache_dir={tmp_path / 'cache'}", "data.global_batch_size=64",
+        "trainer.accelerator=cpu", "trainer.progress_bar=false", "calib.assign_every=4", "calib.lr=0.001",
+        *extra,
+    ]
+
+
+@pytest.fixture
+def teacher_file(trained_small_dit, tmp_path):
+    path = tmp_path / "teacher.pt"
+    torch.save(trained_small_dit.state_dict(), path)
+    return path
+
+
+def _final_state(out):
+    from dpq_lightning.packed import load_packed
+
+    return load_packed(Path(out) / "model.dpq").state_dict()
+
+
+class StopAt(L.Callback):
+    """An interruption: end fit() after ``step`` steps, as a preempted job would."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+def test_resume_gives_the_same_final_state(teacher_file, tmp_path):
+    """Stop after 6 of 12 steps, resume from the step-6 checkpoint: same codes and codebooks as
+    an uninterrupted run, bit for bit (assignment adjustments at steps 3, 6, 9; cosine LR)."""
+    from dpq_lightning.run import run
+
+    args = ["trainer.max_steps=12", "calib.assign_every=3", "trainer.ckpt_every_n_steps=6"]
+    run(load_config("configs/quickstart.yaml", _run_cfg(tmp_path, teacher_file, "full", *args)))
+    part = load_config("configs/quickstart.yaml", _run_cfg(tmp_path, teacher_file, "part", *args))
+    run(part, callbacks=[StopAt(6)])
+    ckpt = torch.load(tmp_path / "part" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 6 and "dpq_config" in ckpt
+    assert not any(k.startswith("teacher") for k in ckpt["state_dict"])
+    run(part)  # trainer.resume=auto picks up last.ckpt
+    a, b = _final_state(tmp_path / "full"), _final_state(tmp_path / "part")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    fa = json.loads((tmp_path / "full" / "fingerprints" / "rank0.json").read_text())
+    fb = json.loads((tmp_path / "part" / "fingerprints" / "rank0.json").read_text())
+    assert fa["sha256"] == fb["sha256"]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(teacher_file, tmp_path):
+    from dpq_lightning.calibration import NonFiniteLossError
+    from dpq_lightning.run import run
+
+    cfg = load_config("configs/quickstart.yaml", _run_cfg(tmp_path, teacher_file, "nan", "trainer.max_steps=8",
+                                                          "trainer.ckpt_every_n_steps=4"))
+    run(cfg, callbacks=[StopAt(4)])
+    last = tmp_path / "nan" / "checkpoints" / "last.ckpt"
+    good = last.read_bytes()
+    cfg.calib.w_rec = float("nan")
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 4 \(loss=nan.*last good checkpoint is kept"):
+        run(cfg)
+    assert last.read_bytes() == good
+    assert torch.load(last, weights_only=False)["global_step"] == 4
+
+
+def test_ddp_two_cpu_ranks_hold_identical_state(teacher_file, tmp_path):
+    """devices=2 on CPU (gloo): k-means runs once (rank 0), both ranks end bit-identical."""
+    out = tmp_path / "ddp"
+    args = _run_cfg(tmp_path, teacher_file, "ddp", "trainer.max_steps=8", "trainer.devices=2",
+                    "trainer.strategy=ddp", "trainer.ckpt_every_n_steps=8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    env.pop("SLURM_NTASKS", None)
+    proc = subprocess.run([sys.executable, "train.py", "--config", "configs/quickstart.yaml", *args],
+                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    f0 = json.loads((out / "fingerprints" / "rank0.json").read_text())
+    f1 = json.loads((out / "fingerprints" / "rank1.json").read_text())
+    assert f0["sha256"] == f1["sha256"] and f0["pid"] != f1["pid"]
+    assert f0["kmeans_ran"] is True and f1["kmeans_ran"] is False
+    assert (proc.stdout + proc.stderr).count("stage 1 written to") == 1
+
+
+def test_missing_teacher_weights_say_what_to_download(tmp_path):
+    from dpq_lightning.run import run
+
+    cfg = load_config("configs/dpq_1bit.yaml", [f"output_dir={tmp_path}", f"model.checkpoint={tmp_path}/DiT-XL-2-256x256.pt"])
+    with pytest.raises(FileNotFoundError, match=r"DiT-XL-2-256x256\.pt.*model\.checkpoint"):
+        run(cfg)
+
+
+def test_missing_data_dir_is_named(teacher_file, tmp_path):
+    from dpq_lightning.data import DataError
+    from dpq_lightning.run import run
+
+    cfg = load_config("configs/quickstart.yaml", _run_cfg(tmp_path, teacher_file, "nodata", "data.kind=latents",
+                                                          f"data.path={tmp_path / 'absent'}"))
+    with pytest.raises(DataError, match=r"absent"):
+        run(cfg)
