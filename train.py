@@ -43,6 +43,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"calibrated {summary['steps']} steps; packed model: {summary['packed']}")
         print(f"size: {s['total_bytes'] / 2**20:.3f} MiB, {s['ratio']:.2f}x vs FP32, "
               f"{s['effective_bits']:.3f} effective bits per parameter")
+        m = summary["final_metrics"]
+        rows = [(label, m.get(f"val/teacher_{key}"), m.get(f"val/{key}")) for label, key in
+                (("FID-proxy", "fid_proxy"), ("IS-proxy", "is_proxy"), ("agreement", "agreement"))]
+        if any(v is not None for _, _, v in rows):
+            print(f"{'metric':<12} {'FP teacher':>11} {'compressed':>11}")
+            for label, fp, q in rows:
+                fmt = lambda v: f"{v:11.3f}" if v is not None else f"{'-':>11}"  # noqa: E731
+                print(f"{label:<12} {fmt(fp)} {fmt(q)}")
     return 0
 
 

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .calib_config import CalibConfig
+from .eval_config import EvalConfig
 from .quant.config import QuantConfig, QuantConfigError
 
 
@@ -95,6 +96,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     stage1_only: bool = False  # stop after stage 1 (size report + packed file), no calibration
 
 

@@ -161,6 +161,9 @@ def run(cfg: RunConfig, callbacks: list | None = None) -> dict:
     dm = build_datamodule(cfg.data, teacher, cfg.seed)
     ckpt = ModelCheckpoint(dirpath=str(out / "checkpoints"), save_last=True, every_n_train_steps=t.ckpt_every_n_steps,
                            save_top_k=-1, filename="step{step:06d}", auto_insert_metric_name=False)
+    from .callbacks import build_callbacks
+
+    eval_callbacks = build_callbacks(cfg.eval, out_dir=str(out))
     strategy = t.strategy
     if strategy == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
@@ -171,7 +174,7 @@ def run(cfg: RunConfig, callbacks: list | None = None) -> dict:
     trainer = L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy,
         precision=t.precision, max_steps=t.max_steps, gradient_clip_val=t.gradient_clip_val,
-        log_every_n_steps=t.log_every_n_steps, default_root_dir=str(out), callbacks=[ckpt, *(callbacks or [])],
+        log_every_n_steps=t.log_every_n_steps, default_root_dir=str(out), callbacks=[ckpt, *eval_callbacks, *(callbacks or [])],
         logger=make_logger(cfg.wandb, out, cfg.name), deterministic=t.deterministic,
         enable_progress_bar=t.progress_bar, enable_model_summary=False,
     )

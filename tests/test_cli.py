@@ -18,11 +18,17 @@ def test_train_quickstart_main_job(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "2"}
     proc = subprocess.run(
         [sys.executable, "train.py", "--config", "configs/quickstart.yaml", f"output_dir={out}",
-         "trainer.max_steps=20", "trainer.progress_bar=false", f"data.cache_dir={tmp_path / 'cache'}"],
+         "trainer.max_steps=20", "trainer.progress_bar=false", f"data.cache_dir={tmp_path / 'cache'}",
+         "eval.num_samples=100", "eval.sampling_steps=10", "eval.trajectory_steps=5", "eval.every_n_steps=20"],
         cwd=ROOT, capture_output=True, text=True, env=env, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "calibrated 20 steps" in proc.stdout
+    # the FP-vs-compressed table the README promises, with numbers in both columns
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("FID-proxy"))
+    fp, q = (float(v) for v in line.split()[1:3])
+    assert 0 < fp < q  # the 1-bit student after 20 steps is worse than its teacher
+    assert list(out.glob("**/*.png")), "sample grid / trajectory PNGs"
     summary = json.loads((out / "summary.json").read_text())
     size = (out / "model.dpq").stat().st_size
     assert abs(size / summary["size"]["total_bytes"] - 1) < 0.03

@@ -48,7 +48,9 @@ def fid_from_features(fake: Tensor, real: Tensor) -> float:
 
     if fake.shape[0] < 2 or real.shape[0] < 2:
         raise ValueError(f"FID needs at least 2 samples per set, got {fake.shape[0]} and {real.shape[0]}")
-    m = FrechetInceptionDistance(feature=PrecomputedFeatures(fake.shape[1]))
+    # sync_on_compute=False everywhere: features are gathered first and metrics computed on rank 0
+    # alone; torchmetrics' default would all-gather there and hang the other ranks under DDP.
+    m = FrechetInceptionDistance(feature=PrecomputedFeatures(fake.shape[1]), sync_on_compute=False)
     m.update(real.detach().cpu().double(), real=True)
     m.update(fake.detach().cpu().double(), real=False)
     return float(m.compute())
@@ -81,7 +83,8 @@ def kid_from_features(fake: Tensor, real: Tensor, subset_size: int = 1000, subse
     if size < 2:
         raise ValueError("KID needs at least 2 samples per set")
     with _quiet():
-        m = KernelInceptionDistance(feature=PrecomputedFeatures(fake.shape[1]), subsets=subsets, subset_size=size)
+        m = KernelInceptionDistance(feature=PrecomputedFeatures(fake.shape[1]), subsets=subsets, subset_size=size,
+                                    sync_on_compute=False)
     m.update(real.detach().cpu().double(), real=True)
     m.update(fake.detach().cpu().double(), real=False)
     with torch.random.fork_rng(devices=[]):
@@ -96,7 +99,8 @@ def is_from_logits(logits: Tensor, splits: int = 10, seed: int = 0) -> tuple[flo
     from torchmetrics.image.inception import InceptionScore
 
     with _quiet():
-        m = InceptionScore(feature=PrecomputedFeatures(logits.shape[1]), splits=max(1, min(splits, logits.shape[0])))
+        m = InceptionScore(feature=PrecomputedFeatures(logits.shape[1]), splits=max(1, min(splits, logits.shape[0])),
+                           sync_on_compute=False)
     m.update(logits.detach().cpu().double())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

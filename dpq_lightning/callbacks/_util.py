@@ -1,0 +1,153 @@
+"""Shared pieces of the evaluation callbacks: when to run, eval mode, where files go, logging."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+
+log = logging.getLogger("dpq_lightning.callbacks")
+
+
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module | None) -> Iterator[None]:
+    """Every module of ``models`` in eval mode and no grad inside; each module's own training flag
+    restored afterwards (the student trains, the teacher stays in eval)."""
+    saved = [(m, m.training) for model in models if model is not None for m in model.modules()]
+    for model in models:
+        if model is not None:
+            model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
+
+
+def sample_shape(model: nn.Module) -> tuple[int, int, int]:
+    c = model.config
+    return (c.in_channels, c.input_size, c.input_size)
+
+
+def run_dir(trainer: L.Trainer, out_dir: str | os.PathLike | None) -> Path:
+    """``out_dir`` if given, else the trainer's ``default_root_dir`` (the run's ``output_dir``)."""
+    return Path(out_dir if out_dir is not None else trainer.default_root_dir)
+
+
+def _atomic(path: Path, write) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+    return path
+
+
+def write_bytes_atomic(data: bytes, path: Path) -> Path:
+    return _atomic(path, lambda f: f.write(data))
+
+
+def write_json_atomic(data: Any, path: Path) -> Path:
+    return write_bytes_atomic(json.dumps(data, indent=2, default=_jsonable).encode(), path)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if hasattr(obj, "tolist"):  # numpy
+        return obj.tolist()
+    if isinstance(obj, tuple):
+        return list(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def save_npy_atomic(array, path: Path) -> Path:
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array))
+    return write_bytes_atomic(buf.getvalue(), path)
+
+
+def save_png_atomic(pixels, path: Path) -> Path:
+    """``pixels``: uint8 ``[H, W]`` (grayscale) or ``[H, W, 3]``."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return write_bytes_atomic(buf.getvalue(), path)
+
+
+def save_figure_atomic(fig, path: Path) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")  # no bbox_inches: the PNG is exactly figsize x dpi pixels
+    return write_bytes_atomic(buf.getvalue(), path)
+
+
+def wandb_loggers(trainer: L.Trainer) -> list:
+    from lightning.pytorch.loggers import WandbLogger
+
+    return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+
+
+def log_scalars(trainer: L.Trainer, metrics: dict[str, float], step: int | None = None) -> None:
+    """Send ``metrics`` to every logger (rank 0) and make them visible in ``trainer.callback_metrics``
+    on this rank. Works in any hook, including ``on_train_start``/``on_train_end``, where
+    ``LightningModule.log`` is not allowed."""
+    metrics = {k: float(v) for k, v in metrics.items()}
+    if not metrics:
+        return
+    trainer.callback_metrics.update({k: torch.tensor(v, dtype=torch.float64) for k, v in metrics.items()})
+    if trainer.is_global_zero:
+        step = trainer.global_step if step is None else step
+        for lg in trainer.loggers:
+            lg.log_metrics(metrics, step=step)
+
+
+def note(message: str) -> None:
+    """A logged note (once per message), e.g. why a callback skipped its work."""
+    rank_zero_warn(message, category=UserWarning)
+    log.info(message)
+
+
+class PeriodicCallback(L.Callback):
+    """Runs :meth:`evaluate` at train start (optional), every ``every_n_steps`` optimizer steps and
+    at train end (unless that step was just evaluated). ``every_n_steps=None``: start and end only."""
+
+    def __init__(self, every_n_steps: int | None, at_start: bool = True):
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1 or None, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+        self.at_start = at_start
+        self._last_step: int | None = None
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, tag: str) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def _run(self, trainer, pl_module, tag: str) -> None:
+        self._last_step = trainer.global_step
+        self.evaluate(trainer, pl_module, tag)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._last_step = None
+        if self.at_start:
+            self._run(trainer, pl_module, "start")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step, every = trainer.global_step, self.every_n_steps
+        if every and step > 0 and step % every == 0 and step != self._last_step:
+            self._run(trainer, pl_module, "step")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_step != self._last_step:
+            self._run(trainer, pl_module, "end")

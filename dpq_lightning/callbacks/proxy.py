@@ -1,0 +1,127 @@
+"""Proxy FID / IS / KID and classifier agreement of the student's samples, during calibration."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+
+from ._util import PeriodicCallback, eval_mode, log_scalars, note, sample_shape
+
+DIGITS_SHAPE = (1, 8, 8)  # the digits classifier's input: the miniature's pixel space
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    return (int(seed) * 1_000_003 + 7919 * int(rank)) % (2**63 - 1)
+
+
+class ProxyMetricsCallback(PeriodicCallback):
+    """Every ``every_n_steps`` steps (and at the start and end of training) sample ``num_samples``
+    images from ``pl_module.student`` with the one sampling loop and log, from rank 0,
+    ``val/fid_proxy``, ``val/is_proxy``, ``val/kid_proxy``, ``val/agreement`` (plus ``_std`` of IS
+    and KID). At train start the frozen teacher is measured the same way once
+    (``val/teacher_fid_proxy``, ...), so the gap to the teacher is visible (``val/fid_proxy_gap``).
+
+    Distributed: every rank samples its share of one balanced label list with noise from a
+    generator seeded by ``(seed, rank)``; the shares are gathered to rank 0, which computes the
+    metrics; the values are broadcast so ``trainer.callback_metrics`` agrees on every rank. The
+    noise is the same at every evaluation (same seed), so successive values differ by the model only.
+
+    The proxy is defined for the digits miniature (1x8x8 pixel space); for other models the
+    callback logs a note and does nothing.
+    """
+
+    def __init__(self, every_n_steps: int | None = 200, num_samples: int = 500, steps: int = 50,
+                 cfg_scale: float = 1.5, method: str = "ddim", seed: int = 0,
+                 classifier_path: str = "checkpoints/digits_classifier.pt", batch_size: int = 500,
+                 teacher: bool = True, at_start: bool = True):
+        super().__init__(every_n_steps, at_start)
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        self.num_samples, self.steps, self.cfg_scale, self.method = num_samples, steps, cfg_scale, method
+        self.seed, self.classifier_path, self.batch_size = seed, classifier_path, batch_size
+        self.teacher = teacher
+        self._classifier = None
+        self._active = True
+        self.teacher_metrics: dict[str, float] = {}
+        self.history: list[tuple[int, dict[str, float]]] = []  # (step, metrics) on rank 0
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        shape = sample_shape(pl_module.student)
+        self._active = shape == DIGITS_SHAPE
+        if not self._active:
+            note(f"ProxyMetricsCallback: samples of shape {shape} are not 1x8x8 digits; proxy metrics skipped")
+            return
+        if trainer.is_global_zero:
+            self._clf()  # load now: a missing classifier fails at the start, not after hours of training
+
+    def _clf(self):
+        if self._classifier is None:
+            from ..metrics import load_digits_classifier  # lazy: the metrics module is optional here
+
+            self._classifier = load_digits_classifier(self.classifier_path)
+        return self._classifier
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self._active and self.teacher and getattr(pl_module, "teacher", None) is not None:
+            self.teacher_metrics = self.measure(trainer, pl_module, pl_module.teacher)
+            log_scalars(trainer, {f"val/teacher_{k}": v for k, v in self.teacher_metrics.items()})
+        super().on_train_start(trainer, pl_module)
+
+    def evaluate(self, trainer, pl_module, tag: str) -> None:
+        if not self._active:
+            return
+        m = self.measure(trainer, pl_module, pl_module.student)
+        out = {f"val/{k}": v for k, v in m.items()}
+        if "fid_proxy" in self.teacher_metrics:
+            out["val/fid_proxy_gap"] = m["fid_proxy"] - self.teacher_metrics["fid_proxy"]
+        log_scalars(trainer, out)
+        if trainer.is_global_zero:
+            self.history.append((trainer.global_step, m))
+
+    # ---- the measurement -------------------------------------------------------------------
+    def labels(self, num_classes: int) -> torch.Tensor:
+        from ..data import balanced_labels
+
+        return balanced_labels(self.num_samples, num_classes, seed=self.seed)
+
+    def measure(self, trainer: L.Trainer, pl_module: L.LightningModule, model: torch.nn.Module) -> dict[str, float]:
+        """Sample this rank's share, gather on rank 0, compute the proxy there; the same dict on
+        every rank."""
+        from ..sampling import sample
+
+        world, rank, dev = trainer.world_size, trainer.global_rank, pl_module.device
+        labels = self.labels(model.num_classes)
+        per = math.ceil(self.num_samples / world)
+        padded = torch.cat([labels, labels[: per * world - self.num_samples]])  # equal shares for all_gather
+        mine = padded[rank * per:(rank + 1) * per].to(dev)
+        gen = torch.Generator(device=dev).manual_seed(_rank_seed(self.seed, rank))
+        shape = sample_shape(model)
+        with eval_mode(model):
+            parts = [sample(model, mine[i:i + self.batch_size], shape, steps=self.steps, cfg_scale=self.cfg_scale,
+                            method=self.method, generator=gen) for i in range(0, per, self.batch_size)]
+        x = torch.cat(parts).float()  # (per, C, H, W)
+        if world > 1:
+            x = pl_module.all_gather(x).reshape(world * per, *shape)  # rank order = label order
+        if world == 1:
+            return self.compute(x[: self.num_samples].cpu(), labels)
+        metrics = None
+        if trainer.is_global_zero:
+            try:
+                metrics = self.compute(x[: self.num_samples].cpu(), labels)
+            except Exception as err:  # noqa: BLE001 - re-raised on every rank below, none left waiting
+                metrics = {"__error__": f"{type(err).__name__}: {err}"}
+        metrics = trainer.strategy.broadcast(metrics, src=0)
+        if "__error__" in metrics:
+            raise RuntimeError(f"ProxyMetricsCallback: the proxy metrics failed on rank 0: {metrics['__error__']}")
+        return metrics
+
+    def compute(self, samples: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        from ..metrics import proxy_metrics
+
+        r = proxy_metrics(samples.clamp(-1, 1), labels.cpu(), self._clf())
+        return {"fid_proxy": float(r["fid"]), "is_proxy": float(r["is_mean"]), "is_proxy_std": float(r["is_std"]),
+                "kid_proxy": float(r["kid_mean"]), "kid_proxy_std": float(r["kid_std"]),
+                "agreement": float(r["agreement"])}
