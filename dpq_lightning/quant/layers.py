@@ -48,7 +48,7 @@ class PQWeight(nn.Module):
         """Each group's codebook as dense vectors ``[G, K, d]`` (a gather from the pool if any)."""
         if self.pool is None:
             return self.codebooks
-        return self.pool[self.pointers.long()]  # (G, K, d)
+        return F.embedding(self.pointers.long(), self.pool)  # (G, K, d)
 
     def set_codebooks(self, codebooks: torch.Tensor) -> None:
         """Replace the pool (if any) by plain per-group codebooks ``[G, K, d]``."""
@@ -81,7 +81,9 @@ class PQWeight(nn.Module):
         table = self._table()
         if self.soft_logits is not None:
             return from_groups(self._soft_groups(table), self.geo)
-        groups = table[self.flat_index()]  # (G, N, d)
+        # F.embedding, not table[idx]: its CPU backward sums gradients in a fixed order, while
+        # advanced indexing's multi-threaded scatter-add does not (resume would not be bit-exact).
+        groups = F.embedding(self.flat_index(), table)  # (G, N, d)
         return from_groups(groups, self.geo)  # original weight shape
 
     # ---- soft candidates (VQ4DiT-style assignment, an ablation of the calibration) ----------
@@ -97,7 +99,7 @@ class PQWeight(nn.Module):
         self.soft_logits = nn.Parameter(-(d_n / scale) / temperature)  # (G, N, n)
 
     def _soft_groups(self, table: torch.Tensor) -> torch.Tensor:
-        vecs = table[self._rows_of(self.soft_cand)]  # (G, N, n, d)
+        vecs = F.embedding(self._rows_of(self.soft_cand), table)  # (G, N, n, d)
         probs = torch.softmax(self.soft_logits, dim=-1)  # (G, N, n)
         hard = torch.nn.functional.one_hot(probs.argmax(-1), probs.shape[-1]).to(probs.dtype)
         probs = torch.where(self.soft_frozen.unsqueeze(-1), hard, probs)  # frozen: exactly one codeword
