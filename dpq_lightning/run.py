@@ -15,12 +15,13 @@ import hashlib
 import json
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from .calibration import DPQCalibration
 from .config import DataConfig, RunConfig, WandbConfig, save_resolved, to_yaml
@@ -133,12 +134,61 @@ def make_logger(wb: WandbConfig, out: Path, name: str):
                        save_dir=str(out), mode=wb.mode)
 
 
+class RequeueAtStepEnd(Callback):
+    """SLURM preemption (SIGUSR1 from ``--signal`` or ``scancel --signal=USR1``) handled at a step
+    boundary. Lightning's own handler saves ``hpc_ckpt_N.ckpt`` from inside the signal handler,
+    i.e. in the middle of a step (the loader already past the batch, its optimizer step not done),
+    and the resumed run then skips that batch. Here the signal only sets a flag; at the end of
+    the step every rank learns whether any rank was signalled, and Lightning's handler (save
+    ``hpc_ckpt_N.ckpt``, ``scontrol requeue``) runs there, where a checkpoint resumes exactly."""
+
+    def __init__(self) -> None:
+        self._signalled = False
+        self._handler = None
+        self._signum = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        from lightning.fabric.plugins.environments import SLURMEnvironment
+
+        env = getattr(trainer.strategy, "cluster_environment", None)
+        if not (isinstance(env, SLURMEnvironment) and env.auto_requeue and env.requeue_signal is not None):
+            return
+        if threading.current_thread() is not threading.main_thread():
+            return
+        handler = signal.getsignal(env.requeue_signal)  # Lightning's: save hpc_ckpt_N + requeue
+        if callable(handler):
+            self._signum, self._handler = env.requeue_signal, handler
+            signal.signal(self._signum, self._flag)
+
+    def _flag(self, signum, frame) -> None:
+        self._signalled = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._handler is None:
+            return
+        if trainer.strategy.reduce_boolean_decision(self._signalled, all=False):
+            self._signalled = False
+            self._handler(self._signum, None)
+
+
+def _hpc_number(path: Path) -> int:
+    try:
+        return int(path.stem.rsplit("_", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
 def resume_path(resume: str, out: Path) -> str | None:
     if resume == "never":
         return None
     if resume == "auto":
+        # The newer of last.ckpt and a SLURM requeue checkpoint (hpc_ckpt_N.ckpt in output_dir,
+        # written by a preempted run): an explicit ckpt_path makes Lightning skip its own hpc
+        # lookup, and a periodic last.ckpt is usually older than the preemption.
         last = out / "checkpoints" / "last.ckpt"
-        return str(last) if last.is_file() else None
+        found = sorted((p for p in out.glob("hpc_ckpt_*.ckpt") if p.is_file()), key=_hpc_number)[-1:]
+        found += [last] if last.is_file() else []
+        return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
     if not Path(resume).is_file():
         raise FileNotFoundError(f"trainer.resume: checkpoint {resume} not found")
     return resume
@@ -174,7 +224,8 @@ def run(cfg: RunConfig, callbacks: list | None = None) -> dict:
     trainer = L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy,
         precision=t.precision, max_steps=t.max_steps, gradient_clip_val=t.gradient_clip_val,
-        log_every_n_steps=t.log_every_n_steps, default_root_dir=str(out), callbacks=[ckpt, *eval_callbacks, *(callbacks or [])],
+        log_every_n_steps=t.log_every_n_steps, default_root_dir=str(out),
+        callbacks=[RequeueAtStepEnd(), ckpt, *eval_callbacks, *(callbacks or [])],
         logger=make_logger(cfg.wandb, out, cfg.name), deterministic=t.deterministic,
         enable_progress_bar=t.progress_bar, enable_model_summary=False,
     )
