@@ -117,6 +117,9 @@ class DPQCalibration(L.LightningModule):
 
     def compute_losses(self, x0: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         t, noise, y = self._draw(x0, y)
+        # Only the output-aware rule reads the input moments; the other rules skip the per-layer
+        # hooks' work (the buffers stay in the state dict, so checkpoints keep one layout).
+        self.moments.enabled = self.cfg.assignment == "output_aware"
         x_t = self.schedule.q_sample(x0, t, noise)
         with torch.no_grad():
             out_t = self.teacher(x_t, t, y)

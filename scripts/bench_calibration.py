@@ -75,7 +75,8 @@ def bench_step(key: str, steps: int) -> dict:
 
     student = copy.deepcopy(teacher)
     quantize_(student, QuantConfig(kmeans_iters=2, kmeans_init="random", kmeans_backend="torch", **spec["quant"]))
-    module = DPQCalibration(student, teacher, CalibConfig(assignment="frozen"))
+    # The default rule (output_aware): its input-moment hooks run in every step.
+    module = DPQCalibration(student, teacher, CalibConfig(assignment="output_aware"))
     copt = module.configure_optimizers()["optimizer"]
 
     def calib_step():

@@ -16,6 +16,35 @@ from torch import nn
 from .geometry import Geometry, from_groups
 
 
+class _Gather(torch.autograd.Function):
+    """``table[idx]`` (``F.embedding``) whose CPU backward is ``index_add_``: deterministic (a
+    fixed summation order, so resumed runs are bit-exact) and, measured on the calibration
+    benchmark's tables, 4-8x faster than ``embedding_dense_backward`` on CPU. Other devices use
+    the embedding backward (``index_add_`` has no deterministic CUDA kernel)."""
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(idx)
+        ctx.rows = table.shape[0]
+        return F.embedding(idx, table)  # (*idx.shape, d)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (idx,) = ctx.saved_tensors
+        d = grad.shape[-1]
+        flat, g = idx.reshape(-1), grad.reshape(-1, d)  # (n,), (n, d)
+        if g.device.type == "cpu":
+            out = g.new_zeros(ctx.rows, d).index_add_(0, flat, g)  # (rows, d)
+        else:
+            out = torch.ops.aten.embedding_dense_backward(g, flat, ctx.rows, -1, False)
+        return out, None
+
+
+def gather_rows(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows of ``table [rows, d]`` at ``idx [...]`` -> ``[..., d]``, differentiable in ``table``."""
+    return _Gather.apply(table, idx)
+
+
 def _code_dtype(n_values: int) -> torch.dtype:
     # int16 halves the memory of int32 for DiT-XL/2 (84M codes at 1 bit); K <= 32767 in practice.
     return torch.int16 if n_values <= torch.iinfo(torch.int16).max else torch.int32
@@ -81,9 +110,9 @@ class PQWeight(nn.Module):
         table = self._table()
         if self.soft_logits is not None:
             return from_groups(self._soft_groups(table), self.geo)
-        # F.embedding, not table[idx]: its CPU backward sums gradients in a fixed order, while
-        # advanced indexing's multi-threaded scatter-add does not (resume would not be bit-exact).
-        groups = F.embedding(self.flat_index(), table)  # (G, N, d)
+        # Not table[idx]: advanced indexing's multi-threaded CPU scatter-add has no fixed summation
+        # order (resume would not be bit-exact); gather_rows' backward does.
+        groups = gather_rows(table, self.flat_index())  # (G, N, d)
         return from_groups(groups, self.geo)  # original weight shape
 
     # ---- soft candidates (VQ4DiT-style assignment, an ablation of the calibration) ----------
@@ -99,7 +128,7 @@ class PQWeight(nn.Module):
         self.soft_logits = nn.Parameter(-(d_n / scale) / temperature)  # (G, N, n)
 
     def _soft_groups(self, table: torch.Tensor) -> torch.Tensor:
-        vecs = F.embedding(self._rows_of(self.soft_cand), table)  # (G, N, n, d)
+        vecs = gather_rows(table, self._rows_of(self.soft_cand))  # (G, N, n, d)
         probs = torch.softmax(self.soft_logits, dim=-1)  # (G, N, n)
         hard = torch.nn.functional.one_hot(probs.argmax(-1), probs.shape[-1]).to(probs.dtype)
         probs = torch.where(self.soft_frozen.unsqueeze(-1), hard, probs)  # frozen: exactly one codeword
