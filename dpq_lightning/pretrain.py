@@ -4,6 +4,13 @@ Plain PyTorch on purpose: a few thousand steps of one small model on one device 
 Lightning's machinery, and the loop is short enough to read in one screen. DiT's recipe: AdamW,
 constant LR, no weight decay, EMA of the weights, labels dropped to the null class with
 probability ``class_dropout_prob`` once per sample.
+
+One deliberate departure, for short runs from scratch: the class-embedding table starts at
+``N(0, label_init_std^2)`` (default 1.0, PyTorch's ``nn.Embedding`` default) instead of DiT's
+``N(0, 0.02^2)``. DiT's conditioning is ``c = t_emb + y_emb``; with the 0.02 init and 4000 steps
+at 3e-4 the class rows of a hidden-128 teacher only grew to norm ~1 while the timestep embedding
+has norm 6-28, and the measured teacher followed its label in 48% of samples without guidance
+(68% at cfg 1.5). The 400K-step ImageNet recipe has time to grow them; a few thousand steps do not.
 """
 
 from __future__ import annotations
@@ -34,9 +41,15 @@ def train_teacher(
     ema_decay: float = 0.999,
     seed: int = 0,
     progress: bool = False,
+    label_init_std: float | None = 1.0,
 ) -> tuple[DiT, list[float]]:
-    """Train ``model`` in place; return ``(EMA copy, loss per step)``."""
+    """Train ``model`` in place; return ``(EMA copy, loss per step)``. ``label_init_std`` re-draws
+    the class-embedding table first (see the module doc); ``None`` keeps the model's own init."""
     gen = torch.Generator().manual_seed(seed)
+    if label_init_std is not None:
+        with torch.no_grad():
+            table = model.y_embedder.embedding_table.weight  # (num_classes + null, hidden)
+            table.copy_(torch.randn(table.shape, generator=gen) * label_init_std)
     schedule = Schedule.linear()
     ema = copy.deepcopy(model).eval()  # same requires_grad flags as the model: it is the teacher
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)

@@ -1,6 +1,7 @@
 """The ablation grid on the digits miniature, on CPU, in one command:
 
-    python scripts/ablation_mini.py                      # ~35-45 min on 2 cores -> docs/results-mini.md
+    python scripts/ablation_mini.py                      # k-means seed 0 -> docs/results-mini.md
+    python scripts/ablation_mini.py --quant-seed 1       # a second seed: the report merges both
     python scripts/ablation_mini.py --quick --out /tmp/a # a few minutes: tiny sample counts (smoke)
 
 Schemes at 3, 2 and 1 nominal bits (log2 K / d): FP teacher; VQ (one codebook per layer); PQ
@@ -9,7 +10,7 @@ x ``--size-margin``, so VQ and DPQ compare at (nearly) equal total size); DPQ + 
 each assignment rule. For each: FID-proxy, IS-proxy, class agreement (digits classifier), effective
 bits (everything counted) and size ratio vs FP32. Figures: FID-proxy vs effective bits (the
 paper's Figure 1) and per-block error along the sampling trajectory, VQ vs DPQ (Figure 2).
-Writes ``results.json``, PNGs and a markdown report that states, claim by claim, what held.
+Writes ``results-mini-seed<S>.json``, PNGs and a markdown report that states, claim by claim, what held.
 """
 
 from __future__ import annotations
@@ -77,10 +78,10 @@ def calibrate(student, teacher, rule: str, args) -> torch.nn.Module:
 
     module = DPQCalibration(student, copy.deepcopy(teacher),
                             CalibConfig(lr=args.lr, assignment=rule, assign_every=args.assign_every,
-                                        schedule="cosine"), seed=0, max_steps=args.calib_steps)
+                                        schedule="cosine"), seed=args.quant_seed, max_steps=args.calib_steps)
     trainer = L.Trainer(max_steps=args.calib_steps, accelerator="cpu", devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(module, datamodule=DigitsDataModule(128, cache_dir=args.cache, seed=0))
+    trainer.fit(module, datamodule=DigitsDataModule(128, cache_dir=args.cache, seed=args.quant_seed))
     return module.export_student()
 
 
@@ -121,7 +122,8 @@ def main() -> None:
     p.add_argument("--size-margin", type=float, default=1.1)
     p.add_argument("--bits", type=int, nargs="+", default=[3, 2, 1])
     p.add_argument("--rules", nargs="+", default=list(RULES))
-    p.add_argument("--quant-seed", type=int, default=0)
+    p.add_argument("--quant-seed", type=int, default=0,
+                   help="seed of k-means and of calibration (t, noise, data order); x_T stays --sample-seed")
     p.add_argument("--sample-seed", type=int, default=0)
     p.add_argument("--trajectory-steps", type=int, default=50)
     p.add_argument("--cache", default=None, help="digits shard cache dir")
@@ -141,7 +143,7 @@ def main() -> None:
     real, _ = load_digits_tensors()
     teacher = load_teacher()
     rows, students = [], {}
-    t0 = time.time()
+    started = t0 = time.time()
     rows.append(row("FP", 32, evaluate(teacher, args, classifier, real), seconds=time.time() - t0))
     print(json.dumps(rows[-1]), flush=True)
     for bits in args.bits:
@@ -166,14 +168,33 @@ def main() -> None:
                 students["DPQ+calib", bits] = student
             print(json.dumps(rows[-1]), flush=True)
     traj = trajectories(teacher, students, args)
-    result = {"args": vars(args), "rows": rows, "trajectory": traj}
-    tmp = out / ".results-mini.json.tmp"
+    result = {"args": vars(args), "rows": rows, "trajectory": traj, "teacher_sha256": sha256_of(TEACHER),
+              "wall_s": round(time.time() - started, 1), "machine": machine(), "date": time.strftime("%Y-%m-%d")}
+    path = out / f"results-mini-seed{args.quant_seed}.json"
+    tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out / "results-mini.json")
+    os.replace(tmp, path)
     from ablation_report import write_report
 
-    write_report(result, out)
-    print(f"wrote {out / 'results-mini.md'}")
+    print(f"wrote {path} and {write_report(out)} ({result['wall_s'] / 60:.1f} min)")
+
+
+def sha256_of(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def machine() -> str:
+    """e.g. '2 CPU cores (AMD EPYC)': what the wall time was measured on."""
+    import platform
+
+    name = platform.processor() or "CPU"
+    try:
+        name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{os.cpu_count()} CPU cores ({name}), {torch.get_num_threads()} torch threads"
 
 
 def trajectories(teacher, students, args) -> dict:

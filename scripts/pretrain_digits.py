@@ -34,13 +34,16 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--label-init-std", type=float, default=1.0,
+                   help="std of the class-embedding init (DiT's own is 0.02; see dpq_lightning/pretrain.py)")
     args = p.parse_args()
     torch.manual_seed(args.seed)
     x, y = load_digits_tensors()
     model = build_dit("DiT-S/2", **ARCH)
     t0 = time.time()
     ema, losses = train_teacher(model, x, y, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                ema_decay=args.ema, seed=args.seed, progress=True)
+                                ema_decay=args.ema, seed=args.seed, progress=True,
+                                label_init_std=args.label_init_std)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.half() if k != "pos_embed" else v for k, v in ema.state_dict().items()}
@@ -48,7 +51,7 @@ def main() -> None:
     torch.save(state, tmp)
     os.replace(tmp, out)
     info = {"arch": {"name": "DiT-S/2", **ARCH}, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
-            "ema": args.ema, "seed": args.seed, "final_loss_mean_100": sum(losses[-100:]) / min(100, len(losses)),
+            "ema": args.ema, "seed": args.seed, "label_init_std": args.label_init_std, "final_loss_mean_100": sum(losses[-100:]) / min(100, len(losses)),
             "seconds": round(time.time() - t0, 1)}
     out.with_suffix(".json").write_text(json.dumps(info, indent=2))
     print(json.dumps(info))
