@@ -73,10 +73,10 @@ def soft_experiment(teacher, args, classifier, real) -> dict:
     student, _ = am.quantized(teacher, "DPQ", 2, args, vq_report.effective_bits)
     module = DPQCalibration(student, copy.deepcopy(teacher),
                             CalibConfig(lr=args.lr, assignment="soft", assign_every=args.assign_every,
-                                        schedule="cosine"), seed=0, max_steps=args.calib_steps)
+                                        schedule="cosine"), seed=args.quant_seed, max_steps=args.calib_steps)
     trainer = L.Trainer(max_steps=args.calib_steps, accelerator="cpu", devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(module, datamodule=DigitsDataModule(128, cache_dir=args.cache, seed=0))
+    trainer.fit(module, datamodule=DigitsDataModule(128, cache_dir=args.cache, seed=args.quant_seed))
     pqs = [m.weight_pq for m in module._pq.values()]
     frozen = sum(int(w.soft_frozen.sum()) for w in pqs) / sum(w.soft_frozen.numel() for w in pqs)
     top = torch.cat([torch.softmax(w.soft_logits.detach(), -1).max(-1).values.flatten() for w in pqs])
@@ -130,11 +130,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", default=None)
     args = p.parse_args()
-    # the grid's protocol, from ablation_mini's own defaults
-    base = dict(batch=500, steps=50, cfg=1.5, lr=1e-3, assign_every=100, size_margin=1.1, quant_seed=0,
-                sample_seed=0, trajectory_steps=50)
-    for k, v in base.items():
-        setattr(args, k, v)
+    # the grid's protocol: ablation_mini's own defaults for every option not set here
+    for k, v in vars(am.build_parser().parse_args([])).items():
+        if not hasattr(args, k):
+            setattr(args, k, v)
     torch.set_num_threads(args.threads)
     from dpq_lightning.digits import load_digits_tensors
     from dpq_lightning.metrics import load_digits_classifier

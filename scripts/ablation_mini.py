@@ -109,7 +109,8 @@ def row(name, bits, metrics, report=None, seconds=0.0) -> dict:
     return r
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The grid's options; their defaults are the protocol (scripts/ablation_diagnose.py reuses them)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "docs"))
     p.add_argument("--samples", type=int, default=1000)
@@ -129,7 +130,11 @@ def main() -> None:
     p.add_argument("--cache", default=None, help="digits shard cache dir")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="tiny counts for a smoke run")
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.quick:
         args.samples, args.batch, args.steps, args.calib_steps, args.trajectory_steps = 100, 100, 10, 20, 10
         args.assign_every = 10

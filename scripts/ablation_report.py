@@ -17,6 +17,17 @@ import sys
 from pathlib import Path
 
 
+def _save(fig, path: Path) -> None:
+    """Write ``fig`` to ``path`` atomically (temp file, then rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def _fig1(rows, path: Path) -> None:
     import matplotlib
 
@@ -38,11 +49,7 @@ def _fig1(rows, path: Path) -> None:
     ax.set_yscale("log")
     ax.legend(fontsize=7)
     ax.set_title("Digits miniature: FID-proxy vs total size")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _save(fig, path)
 
 
 def _fig2(traj: dict, path: Path) -> None:
@@ -61,11 +68,7 @@ def _fig2(traj: dict, path: Path) -> None:
     ax.set_yscale("log")
     ax.legend(fontsize=7)
     ax.set_title("Block error along the student's own trajectory")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _save(fig, path)
 
 
 def _get(rows, scheme, bits):
