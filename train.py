@@ -22,13 +22,6 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
-        if cfg.stage1_only:
-            from dpq_lightning.stage1 import run_stage1
-
-            _, report, path = run_stage1(cfg)
-            print(report.table(per_param=False))
-            print(f"packed model: {path}  (inspect it with: dpq inspect {path})")
-            return 0
         from dpq_lightning.run import run
 
         summary = run(cfg)
@@ -40,10 +33,14 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     if summary:
         s = summary["size"]
-        print(f"calibrated {summary['steps']} steps; packed model: {summary['packed']}")
+        what = "stage 1 only" if summary["stage1_only"] else f"calibrated {summary['steps']} steps"
+        print(f"{what}; packed model: {summary['packed']}  (inspect it with: dpq inspect {summary['packed']})")
         print(f"size: {s['total_bytes'] / 2**20:.3f} MiB, {s['ratio']:.2f}x vs FP32, "
               f"{s['effective_bits']:.3f} effective bits per parameter")
-        m = summary["final_metrics"]
+        m = dict(summary["final_metrics"])
+        ev = summary.get("eval", {})  # the final evaluation of the exported model, when run
+        m.update({f"val/{k}": v for k, v in ev.get("student", {}).items()})
+        m.update({f"val/teacher_{k}": v for k, v in ev.get("teacher", {}).items()})
         rows = [(label, m.get(f"val/teacher_{key}"), m.get(f"val/{key}")) for label, key in
                 (("FID-proxy", "fid_proxy"), ("IS-proxy", "is_proxy"), ("agreement", "agreement"))]
         if any(v is not None for _, _, v in rows):

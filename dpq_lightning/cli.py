@@ -1,7 +1,9 @@
 """``dpq`` command line: inspect packed files, predict sizes from a config, run stage 1.
 
     dpq inspect FILE [--totals]          size table of a packed model + its size on disk
-    dpq plan --config FILE [k=v ...]     the size report a config would give (no k-means)
+    dpq verify FILE                      check a packed file: metadata schema, tensors, payload checksum
+    dpq plan --config FILE [k=v ...]     the size report a config would give (no k-means);
+                                         --json: one JSON object with summary.json's size keys
     dpq quantize --config FILE [k=v ...] stage 1 only: write OUTPUT_DIR/model.dpq
 """
 
@@ -10,18 +12,20 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
 
 
 def _plan(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .models.registry import build_dit, resolve_config
-    from .quant import predict_report
+    from .stage1 import predict_size
 
     cfg = load_config(args.config, args.overrides)
-    with torch.device("meta"):  # shapes only: no weights are allocated or loaded
-        model = build_dit(resolve_config(cfg.model.name, **cfg.model.arch))
-    print(predict_report(model, cfg.quant).table(per_param=not args.totals))
+    report = predict_size(cfg)  # shapes only: no weights are allocated or loaded
+    if args.json:
+        import json
+
+        print(json.dumps({"config": args.config, "model": cfg.model.name, **report.summary(), "notes": report.notes}))
+    else:
+        print(report.table(per_param=not args.totals))
     return 0
 
 
@@ -29,6 +33,14 @@ def _inspect(args: argparse.Namespace) -> int:
     from .packed import inspect
 
     print(inspect(args.file, per_param=not args.totals))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from .packed import verify
+
+    r = verify(args.file)
+    print(f"{args.file}: OK ({r['tensors']} tensors, {r['payload_bytes']:,} payload bytes, sha256 {r['sha256'][:16]}...)")
     return 0
 
 
@@ -50,12 +62,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("file")
     p.add_argument("--totals", action="store_true", help="totals only, no per-parameter rows")
     p.set_defaults(fn=_inspect)
+    p = sub.add_parser("verify", help="check a packed file (schema, tensors, checksum)")
+    p.add_argument("file")
+    p.set_defaults(fn=_verify)
     for name, fn, text in (("plan", _plan, "predicted size report of a config (no k-means)"),
                            ("quantize", _quantize, "run stage 1 and write the packed model")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--config", required=True)
         p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. quant.d=4")
         p.add_argument("--totals", action="store_true", help="totals only, no per-parameter rows")
+        if name == "plan":
+            p.add_argument("--json", action="store_true", help="the size report as one JSON object (summary.json's keys)")
         p.set_defaults(fn=fn)
     args = parser.parse_args(argv)
     try:

@@ -1,7 +1,7 @@
 """Typed run configuration: dataclasses + ``load_config(path, overrides)``.
 
-The only module that imports OmegaConf. A YAML file may name a ``base:`` file (relative to itself)
-and then states only what differs, like a diff; ``key=value`` overrides from the command line are
+The only module that imports OmegaConf. A YAML file may name a ``base:`` file (relative to itself),
+or a list of them merged in order, and then states only what differs, like a diff; ``key=value`` overrides from the command line are
 applied last. Unknown keys and wrong types fail here, with the key and the file named.
 Components never see this object: entry points pass each one its own section.
 """
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .calib_config import CalibConfig
@@ -114,8 +114,11 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     base = node.pop("base", None)
     if base is None:
         return node
-    parent = _read_yaml((path.parent / str(base)), seen + (path.resolve(),))
-    return OmegaConf.merge(parent, node)
+    # One file or a list, merged in order, then this file on top: a miniature cell is
+    # [the full-scale config it mirrors, the miniature's model/data/trainer layer] + its arithmetic.
+    bases = list(base) if isinstance(base, ListConfig) else [base]
+    merged = [_read_yaml((path.parent / str(b)), seen + (path.resolve(),)) for b in bases]
+    return OmegaConf.merge(*merged, node)
 
 
 def _explain(err: OmegaConfBaseException, where: str) -> ConfigError:
@@ -146,6 +149,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     except OmegaConfBaseException as err:
         raise _explain(err, f"config {path}") from err
     except (QuantConfigError, ValueError) as err:  # __post_init__ validation of a section
+        raise ConfigError(f"config {path}: {err}") from err
+    from .validate import ConfigValueError, check_values
+
+    try:
+        check_values(cfg)
+    except ConfigValueError as err:
         raise ConfigError(f"config {path}: {err}") from err
     return cfg
 

@@ -28,6 +28,9 @@ class EvalConfig:
     grid_per_class: int = 2  # sample grid: samples per class (rows per model)
     trajectory_steps: int = 50  # per-block error trajectory: sampling steps
     trajectory_follow: str = "teacher"  # whose x_t both models see: teacher | student | both
+    periodic: bool = True  # the callbacks during calibration (at start, every_n_steps, at the end)
+    final: bool = True  # after the run: proxy metrics + trajectory of the exported model -> summary.json "eval"
+    final_teacher: bool = True  # ... and the teacher's proxy metrics under the same protocol
 
     def __post_init__(self) -> None:
         if self.method not in ("ddim", "ddpm"):

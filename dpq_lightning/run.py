@@ -24,6 +24,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from .calibration import DPQCalibration
+from .checkpoint_io import AtomicCheckpointIO
 from .config import DataConfig, RunConfig, WandbConfig, save_resolved, to_yaml
 from .models import build_model
 from .packed import load_packed, save_packed
@@ -178,16 +179,25 @@ def _hpc_number(path: Path) -> int:
         return -1
 
 
+def _complete(path: Path) -> bool:
+    """A torch checkpoint is a zip archive whose directory is written last: a truncated file
+    (e.g. copied by another writer and killed mid-copy) has none."""
+    import zipfile
+
+    return zipfile.is_zipfile(path)
+
+
 def resume_path(resume: str, out: Path) -> str | None:
     if resume == "never":
         return None
     if resume == "auto":
-        # The newer of last.ckpt and a SLURM requeue checkpoint (hpc_ckpt_N.ckpt in output_dir,
-        # written by a preempted run): an explicit ckpt_path makes Lightning skip its own hpc
-        # lookup, and a periodic last.ckpt is usually older than the preemption.
-        last = out / "checkpoints" / "last.ckpt"
+        # The newest complete checkpoint: a SLURM requeue checkpoint (hpc_ckpt_N.ckpt in
+        # output_dir, written by a preempted run; an explicit ckpt_path makes Lightning skip its
+        # own hpc lookup, and a periodic last.ckpt is usually older than the preemption), last.ckpt
+        # or a periodic step*.ckpt (newer than last.ckpt when a kill hit last.ckpt's write).
         found = sorted((p for p in out.glob("hpc_ckpt_*.ckpt") if p.is_file()), key=_hpc_number)[-1:]
-        found += [last] if last.is_file() else []
+        found += [p for p in (out / "checkpoints").glob("*.ckpt") if p.is_file()]
+        found = [p for p in found if _complete(p)]
         return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
     if not Path(resume).is_file():
         raise FileNotFoundError(f"trainer.resume: checkpoint {resume} not found")
@@ -197,6 +207,9 @@ def resume_path(resume: str, out: Path) -> str | None:
 def run(cfg: RunConfig, callbacks: list | None = None) -> dict:
     """Calibrate as configured; return the final summary (rank 0 writes it to ``summary.json``).
     ``callbacks``: extra Lightning callbacks (e.g. evaluation, or a test's interruption)."""
+    from .validate import check_paths
+
+    check_paths(cfg)  # a missing data folder or resume file fails now, not after stage 1
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -206,6 +219,8 @@ def run(cfg: RunConfig, callbacks: list | None = None) -> dict:
     teacher = build_model(m.name, m.arch, m.checkpoint, m.pretrained, m.random_init)
     student = stage1_once(cfg, teacher, out)  # DPQCalibration then freezes the teacher
     stage1_report = report_of(student)
+    if cfg.stage1_only:
+        return _finish(cfg, out, student, teacher.eval(), stage1_report, steps=0, metrics={})
     t = cfg.trainer
     module = DPQCalibration(student, teacher, cfg.calib, seed=cfg.seed, max_steps=t.max_steps, run_config=to_yaml(cfg))
     dm = build_datamodule(cfg.data, teacher, cfg.seed)
@@ -227,7 +242,7 @@ def run(cfg: RunConfig, callbacks: list | None = None) -> dict:
         log_every_n_steps=t.log_every_n_steps, default_root_dir=str(out),
         callbacks=[RequeueAtStepEnd(), ckpt, *eval_callbacks, *(callbacks or [])],
         logger=make_logger(cfg.wandb, out, cfg.name), deterministic=t.deterministic,
-        enable_progress_bar=t.progress_bar, enable_model_summary=False,
+        enable_progress_bar=t.progress_bar, enable_model_summary=False, plugins=[AtomicCheckpointIO()],
     )
     trainer.fit(module, datamodule=dm, ckpt_path=resume_path(t.resume, out))
     write_fingerprint(module.student, out / "fingerprints" / f"rank{trainer.global_rank}.json",
@@ -237,18 +252,29 @@ def run(cfg: RunConfig, callbacks: list | None = None) -> dict:
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     summary: dict = {}
     if trainer.is_global_zero:
-        student = module.export_student()
-        from .quant import round_to_storage_
-
-        round_to_storage_(student)
-        path = save_packed(student, out / "model.dpq")
-        report = report_of(student)
-        summary = {"packed": str(path), "steps": trainer.global_step, "size": report.summary(),
-                   "stage1_size": stage1_report.summary(),
-                   "final_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}}
-        write_json_atomic(summary, out / "summary.json")
-        (out / ".report.txt.tmp").write_text(report.table())
-        os.replace(out / ".report.txt.tmp", out / "report.txt")
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        summary = _finish(cfg, out, module.export_student(), module.teacher, stage1_report, trainer.global_step, metrics)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # gloo can abort at exit otherwise
+    return summary
+
+
+def _finish(cfg: RunConfig, out: Path, student: torch.nn.Module, teacher: torch.nn.Module, stage1_report,
+            steps: int, metrics: dict) -> dict:
+    """Rank 0 at the end of a run: round to storage, write ``model.dpq``, evaluate the exported
+    model once (``eval.final``), write ``summary.json`` and ``report.txt``."""
+    from .quant import round_to_storage_
+
+    round_to_storage_(student)
+    path = save_packed(student, out / "model.dpq")
+    report = report_of(student)
+    summary = {"packed": str(path), "steps": steps, "stage1_only": cfg.stage1_only, "seed": cfg.seed,
+               "size": report.summary(), "stage1_size": stage1_report.summary(), "final_metrics": metrics}
+    if cfg.eval.enabled and cfg.eval.final:
+        from .final_eval import final_evaluation
+
+        summary["eval"] = final_evaluation(load_packed(path), teacher, cfg.eval)  # what the file holds
+    write_json_atomic(summary, out / "summary.json")
+    (out / ".report.txt.tmp").write_text(report.table())
+    os.replace(out / ".report.txt.tmp", out / "report.txt")
     return summary

@@ -37,6 +37,17 @@ def quantize_with_progress(model: torch.nn.Module, quant: QuantConfig, device: s
     return report
 
 
+def predict_size(cfg: RunConfig) -> SizeReport:
+    """The size report ``cfg`` would give, from shapes alone (a meta-device model: no weights, no
+    k-means). ``dpq plan`` prints it; the miniature's arithmetic table compares two of them."""
+    from .models.registry import build_dit, resolve_config
+    from .quant import predict_report
+
+    with torch.device("meta"):
+        model = build_dit(resolve_config(cfg.model.name, **cfg.model.arch))
+    return predict_report(model, cfg.quant)
+
+
 def write_json_atomic(data: dict, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2))

@@ -1,12 +1,15 @@
 """Train the digits teacher that the quickstart ships: ``checkpoints/digits_teacher.pt``.
 
-    python scripts/pretrain_digits.py --out checkpoints/digits_teacher.pt          # ~7 min, 2 cores
+    python scripts/pretrain_digits.py --out checkpoints/digits_teacher.pt          # ~25 min, 2 cores
     python scripts/pretrain_digits.py --steps 50 --out /tmp/t.pt                   # smoke run
 
-A DiT with hidden 128, depth 4, 4 heads, patch 2 on scikit-learn's 1797 real 8x8 digits
-(16 tokens), DiT's recipe (linear betas, eps + learned sigma, label dropout 0.1, AdamW 3e-4,
-EMA 0.999). The EMA weights are saved in the original DiT checkpoint layout, in fp16 (2.6 MB),
-with the architecture next to them so ``model.checkpoint`` + ``model.arch`` rebuild it.
+A DiT with hidden 288, depth 4, 4 heads (head width 72, as DiT-XL/2's 1152 / 16), patch 2 on
+scikit-learn's 1797 real 8x8 digits (16 tokens), DiT's recipe (linear betas, eps + learned sigma,
+label dropout 0.1, AdamW 3e-4, EMA 0.999). Hidden 288 = 1152 / 4 is what makes the miniature's
+size arithmetic DiT-XL/2's (docs/miniature.md): its biases cost 16/288 bits per weight and its
+layers hold 288-1728 rows, so the codebook, pointer and pool shares of the size can be matched.
+The EMA weights are saved in the original DiT checkpoint layout, in fp16 (12.6 MB), with the
+architecture next to them so ``model.checkpoint`` + ``model.arch`` rebuild it.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from dpq_lightning.digits import load_digits_tensors
 from dpq_lightning.models import build_dit
 from dpq_lightning.pretrain import train_teacher
 
-ARCH = dict(input_size=8, in_channels=1, num_classes=10, hidden_size=128, depth=4, num_heads=4)
+ARCH = dict(input_size=8, in_channels=1, num_classes=10, hidden_size=288, depth=4, num_heads=4)
 
 
 def main() -> None:

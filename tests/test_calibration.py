@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -135,9 +136,25 @@ class StopAt(L.Callback):
             trainer.should_stop = True
 
 
+class StepCounter(L.Callback):
+    """Where a fit starts and how many optimizer steps it executes: a run that ignored its
+    checkpoint would start at 0 and execute all of them (and, every draw being keyed by
+    (seed, step), still end in the same state: only these numbers tell the two apart)."""
+
+    def __init__(self):
+        self.start, self.executed = None, 0
+
+    def on_train_start(self, trainer, *args):
+        self.start = trainer.global_step
+
+    def on_train_batch_end(self, trainer, *args):
+        self.executed += 1
+
+
 def test_resume_gives_the_same_final_state(teacher_file, tmp_path):
-    """Stop after 6 of 12 steps, resume from the step-6 checkpoint: same codes and codebooks as
-    an uninterrupted run, bit for bit (assignment adjustments at steps 3, 6, 9; cosine LR)."""
+    """Stop after 6 of 12 steps, resume from the step-6 checkpoint: the resumed fit starts at step
+    6 and executes 6 steps, and ends with the same codes and codebooks as an uninterrupted run,
+    bit for bit (assignment adjustments at steps 3, 6, 9; cosine LR)."""
     from dpq_lightning.run import run
 
     args = ["trainer.max_steps=12", "calib.assign_every=3", "trainer.ckpt_every_n_steps=6"]
@@ -147,7 +164,9 @@ def test_resume_gives_the_same_final_state(teacher_file, tmp_path):
     ckpt = torch.load(tmp_path / "part" / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 6 and "dpq_config" in ckpt
     assert not any(k.startswith("teacher") for k in ckpt["state_dict"])
-    run(part)  # trainer.resume=auto picks up last.ckpt
+    counter = StepCounter()
+    summary = run(part, callbacks=[counter])  # trainer.resume=auto picks up last.ckpt
+    assert (counter.start, counter.executed, summary["steps"]) == (6, 6, 12)
     a, b = _final_state(tmp_path / "full"), _final_state(tmp_path / "part")
     assert a.keys() == b.keys()
     for k in a:
@@ -206,3 +225,99 @@ def test_missing_data_dir_is_named(teacher_file, tmp_path):
                                                           f"data.path={tmp_path / 'absent'}"))
     with pytest.raises(DataError, match=r"absent"):
         run(cfg)
+
+
+def test_bf16_mixed_calibration_on_cpu(teacher_file, tmp_path):
+    """configs/dpq_1bit.yaml calibrates in bf16-mixed: on CPU that is autocast. Losses stay finite,
+    the export works, and the packed file holds exactly the fp32 master codebooks and floats of the
+    last checkpoint, rounded to their fp16 storage, with the same codes."""
+    from dpq_lightning.packed import load_packed
+    from dpq_lightning.run import run
+
+    cfg = load_config("configs/quickstart.yaml", _run_cfg(tmp_path, teacher_file, "bf16", "trainer.max_steps=6",
+                                                          "trainer.ckpt_every_n_steps=6", "trainer.precision=bf16-mixed",
+                                                          "trainer.log_every_n_steps=1"))
+    summary = run(cfg)
+    assert summary["steps"] == 6
+    losses = [v for k, v in summary["final_metrics"].items() if k.startswith("train/")]
+    assert losses and all(math.isfinite(v) for v in losses)
+    ckpt = torch.load(tmp_path / "bf16" / "checkpoints" / "last.ckpt", weights_only=False)
+    master = {k[len("student."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("student.")}
+    packed = load_packed(tmp_path / "bf16" / "model.dpq").state_dict()
+    assert set(packed) <= set(master)
+    compared = 0
+    for k, v in packed.items():
+        m = master[k]
+        assert m.dtype == v.dtype, k  # master weights stay fp32 (codes int) under bf16-mixed
+        stored = m.is_floating_point() and k != "pos_embed"  # the fixed sin-cos table is rebuilt, not stored
+        want = m.half().to(m.dtype) if stored else m
+        assert torch.equal(v, want), k
+        compared += 1
+    assert compared == len(packed) > 10
+
+
+_KILL_SCRIPT = """
+import json, os, signal, sys
+import torch
+torch.set_num_threads(1)
+import lightning as L
+from dpq_lightning.config import load_config
+from dpq_lightning.run import run
+import dpq_lightning.checkpoint_io as cio
+
+config, kill_at, record, *overrides = sys.argv[1:]
+kill_at = int(kill_at)
+calls = []
+real = cio.write_bytes_atomic
+
+def dying(data, path):
+    calls.append(str(path))
+    if len(calls) == kill_at:  # half of this checkpoint reaches its temp file, then SIGKILL
+        tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(data[: len(data) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(data, path)
+
+cio.write_bytes_atomic = dying
+
+class Start(L.Callback):
+    def on_train_start(self, trainer, *a):
+        json.dump({"start": trainer.global_step}, open(record, "w"))
+
+run(load_config(config, overrides), callbacks=[Start()])
+"""
+
+
+def test_kill_during_a_checkpoint_write_then_resume_finishes_identically(teacher_file, tmp_path):
+    """SIGKILL while last.ckpt of step 12 is being written (the 4th checkpoint write: step 6, last,
+    step 12, last): trainer.resume=auto then starts from the newest complete checkpoint (step 12),
+    and the run ends in the same state as one never interrupted."""
+    from dpq_lightning.run import run
+
+    script = tmp_path / "kill.py"
+    script.write_text(_KILL_SCRIPT)
+    args = ["trainer.max_steps=18", "calib.assign_every=3", "trainer.ckpt_every_n_steps=6"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # all three runs alike: 1 thread, so bit-exact
+
+    def launch(name, kill_at, record):
+        cfg = _run_cfg(tmp_path, teacher_file, name, *args)
+        return subprocess.run([sys.executable, str(script), "configs/quickstart.yaml", str(kill_at), str(record), *cfg],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+    full = launch("full", 0, tmp_path / "full.json")
+    assert full.returncode == 0, full.stderr[-2000:]
+    killed = launch("part", 4, tmp_path / "first.json")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    ckdir = tmp_path / "part" / "checkpoints"
+    assert sorted(p.name for p in ckdir.iterdir()) == [".last.ckpt.tmp", "last.ckpt", "step000006.ckpt",
+                                                       "step000012.ckpt"]
+    assert torch.load(ckdir / "last.ckpt", weights_only=False)["global_step"] == 6  # the old one, intact
+    resumed = launch("part", 0, tmp_path / "second.json")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((tmp_path / "second.json").read_text())["start"] == 12
+    assert not (ckdir / ".last.ckpt.tmp").exists()  # the next write of last.ckpt replaced it
+    a, b = _final_state(tmp_path / "full"), _final_state(tmp_path / "part")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

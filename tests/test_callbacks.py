@@ -187,7 +187,7 @@ def test_run_with_wandb_offline(teacher_ckpt, tmp_path):
         "trainer.progress_bar=false", "trainer.max_steps=2", "trainer.ckpt_every_n_steps=2",
         "trainer.log_every_n_steps=1",
         "wandb.enabled=true", "wandb.mode=offline", "name=cbtest",
-        *TINY_EVAL, "eval.trajectory_follow=teacher",
+        *TINY_EVAL, "eval.trajectory_follow=teacher", "eval.final=true",
     ]
     cfg = load_config(ROOT / "configs" / "quickstart.yaml", overrides)
     try:
@@ -195,6 +195,13 @@ def test_run_with_wandb_offline(teacher_ckpt, tmp_path):
     finally:
         wandb.finish()  # Lightning leaves the run open; finishing flushes its files
     assert math.isfinite(summary["final_metrics"]["val/fid_proxy"])  # also in trainer.callback_metrics
+    # the run's final evaluation (final_eval.py, what the grid reports) measures the teacher exactly
+    # as the callback did at train start: same labels, noise seed and sampling loop
+    ev = summary["eval"]
+    assert ev["teacher"]["fid_proxy"] == summary["final_metrics"]["val/teacher_fid_proxy"]
+    assert ev["teacher"]["agreement"] == summary["final_metrics"]["val/teacher_agreement"]
+    assert ev["protocol"]["num_samples"] == 41 and len(ev["trajectory"]["teacher"]) == 3
+    assert math.isfinite(ev["student"]["fid_proxy"])
     runs = glob.glob(str(out / "wandb" / "offline-run-*"))
     assert len(runs) == 1
     run_dir = Path(runs[0])

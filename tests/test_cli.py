@@ -44,9 +44,12 @@ def test_train_stage1_only(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "ratio vs FP32" in proc.stdout
-    report = json.loads((out / "report.json").read_text())["summary"]
-    assert abs((out / "model.dpq").stat().st_size / report["total_bytes"] - 1) < 0.03
+    assert "ratio vs FP32" in proc.stdout and "stage 1 only; packed model:" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stage1_only"] is True and summary["steps"] == 0
+    assert summary["size"] == json.loads((out / "report_stage1.json").read_text())["summary"]
+    assert abs((out / "model.dpq").stat().st_size / summary["size"]["total_bytes"] - 1) < 0.03
+    assert not (out / "checkpoints").exists()  # no Trainer ran
 
 
 def test_train_reports_bad_config_key(tmp_path):

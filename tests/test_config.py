@@ -43,10 +43,14 @@ def test_full_scale_configs_meet_their_budget(bits, ratio):
 
 
 def test_vq_configs_differ_from_dpq_only_in_grouping():
-    for b in (1, 2, 3):
-        dpq, vq = load_config(f"configs/dpq_{b}bit.yaml"), load_config(f"configs/vq_{b}bit.yaml")
-        assert (vq.quant.d, vq.quant.K) == (dpq.quant.d, dpq.quant.K)
-        assert vq.quant.granularity == "layer" and not vq.quant.pool.enabled
+    """VQ: the same d and K (so the same codes), one codebook per block of rows shared by every
+    column position, no pool; the block height buys VQ DPQ's total size (tests/test_grid.py)."""
+    for where in ("", "mini/"):
+        for b in (1, 2, 3):
+            dpq, vq = load_config(f"configs/{where}dpq_{b}bit.yaml"), load_config(f"configs/{where}vq_{b}bit.yaml")
+            assert (vq.quant.d, vq.quant.K) == (dpq.quant.d, dpq.quant.K)
+            assert vq.quant.granularity == "rows" and vq.quant.group_rows > 0 and not vq.quant.pool.enabled
+            assert vq.calib == dpq.calib and vq.trainer == dpq.trainer  # calibrated by the same recipe
 
 
 def test_unknown_key_and_wrong_type_are_named(tmp_path):

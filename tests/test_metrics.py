@@ -20,6 +20,7 @@ from dpq_lightning.digits import load_digits_tensors
 from dpq_lightning.metrics import (
     classifier_accuracy,
     digits_split,
+    extract_all,
     fid_from_features,
     image_metrics,
     inception_extractor,
@@ -275,3 +276,67 @@ def test_evaluate_inception_path_with_vae(tmp_path, digits):
     assert p["clip_denoised"] is False  # latents are not clipped (DiT)
     with np.load(tmp_path / "s.npz") as z:
         assert z["arr_0"].shape == (6, 8, 8, 3) and z["arr_0"].dtype == np.uint8
+
+
+def _inception_with_head(path: Path) -> str:
+    """The FID Inception (fid-helper's weights in torch-fidelity's layout) plus a constructed
+    1008-way classifier layer, so IS is computed through a real network with a head. For the real
+    IS a user needs torch-fidelity's weights-inception-2015-12-05-6726825d.pth (the TF Inception
+    with its classifier), passed as --inception-weights."""
+    sd = inception_extractor(_fid_helper_weights()).net.state_dict()
+    g = torch.Generator().manual_seed(0)
+    sd["fc.weight"] = torch.randn(sd["fc.weight"].shape, generator=g) * 0.05
+    sd["fc.bias"] = torch.randn(sd["fc.bias"].shape, generator=g) * 0.05
+    torch.save(sd, path)
+    return str(path)
+
+
+def test_readme_step6_evaluate_packed_latent_model(tmp_path, digits):
+    """README step 6 at miniature scale: scripts/evaluate.py --packed ... --metric inception
+    --vae-path ... --ref-npz <ADM-format npz> writes samples.npz and eval.json; IS through an
+    Inception with a classifier head; the ADM statistics-only reference gives the FID that the
+    same reference as images gives."""
+    from diffusers import AutoencoderKL
+
+    from dpq_lightning.models import build_dit
+    from dpq_lightning.packed import save_packed
+    from dpq_lightning.quant import QuantConfig, quantize_
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, latent_channels=4)
+    vae.save_pretrained(tmp_path / "vae")
+    model = build_dit("DiT-T/2", input_size=4, in_channels=4, num_classes=10)
+    quantize_(model, QuantConfig(d=4, K=16, granularity="layer", kmeans_backend="torch", kmeans_iters=2))
+    packed = save_packed(model, tmp_path / "model.dpq")
+    weights = _inception_with_head(tmp_path / "inception_with_head.pth")
+    ext = inception_extractor(weights)
+    assert ext.has_logits
+    x, _ = digits
+    real = _digit_images(x[:12])  # 12 real digits, uint8 RGB
+    feats = extract_all(ext, real)
+    stats = reference_stats(feats)  # ADM's keys: mu, sigma, mu_s, sigma_s (+ pool)
+    assert {"mu", "sigma", "mu_s", "sigma_s"} <= set(stats)
+    adm = tmp_path / "VIRTUAL_ref.npz"
+    np.savez(adm, **{k: stats[k] for k in ("mu", "sigma", "mu_s", "sigma_s")})  # as the ADM suite ships it
+    images_npz = tmp_path / "ref_images.npz"
+    np.savez(images_npz, arr_0=real.permute(0, 2, 3, 1).numpy())
+    evaluate = _load_script("evaluate")
+    common = ["--packed", str(packed), "--metric", "inception", "--vae-path", str(tmp_path / "vae"),
+              "--inception-weights", weights, "--num-samples", "10", "--steps", "3", "--cfg-scale", "1.5",
+              "--method", "ddpm", "--batch-size", "10", "--quiet", "--device", "cpu"]
+    res = evaluate.main([*common, "--ref-npz", str(adm), "--npz", str(tmp_path / "samples.npz"),
+                         "--out", str(tmp_path / "eval.json")])
+    doc = json.loads((tmp_path / "eval.json").read_text())
+    assert doc == json.loads(json.dumps(res))
+    m = doc["metrics"]
+    assert np.isfinite(m["fid"]) and np.isfinite(m["sfid"]) and m["kid_mean"] is None  # stats: no KID
+    assert 1.0 <= m["is_mean"] <= 1008 and np.isfinite(m["is_std"])
+    with np.load(tmp_path / "samples.npz") as z:
+        assert z["arr_0"].shape == (10, 8, 8, 3) and z["arr_0"].dtype == np.uint8 and len(z["arr_1"]) == 10
+    same = evaluate.main([*common, "--ref-npz", str(images_npz)])  # the reference as images
+    assert same["metrics"]["fid"] == pytest.approx(m["fid"], rel=1e-4)
+    assert same["metrics"]["sfid"] == pytest.approx(m["sfid"], rel=1e-4)
+    # IS of ten identical images is exactly 1 (every split's KL is 0): the head is really used
+    one = image_metrics(real[:1].repeat(10, 1, 1, 1), stats, feature=ext)
+    assert one["is_mean"] == pytest.approx(1.0, abs=1e-5)

@@ -1,5 +1,5 @@
-"""The miniature's scripts run end to end on tiny counts: teacher regeneration
-(scripts/pretrain_digits.py) and the ablation grid (scripts/ablation_mini.py -> report)."""
+"""The miniature's teacher regeneration (scripts/pretrain_digits.py) runs end to end on tiny
+counts and writes what the shipped checkpoint is; the grid itself: tests/test_grid.py."""
 
 from __future__ import annotations
 
@@ -30,30 +30,8 @@ def test_pretrain_script_writes_a_loadable_teacher(tmp_path):
     arch = {k: v for k, v in info["arch"].items() if k != "name"}
     model = load_original_checkpoint(out, resolve_config(info["arch"]["name"], **arch))
     table = model.y_embedder.embedding_table.weight
-    # the class table starts at N(0, 1) (not DiT's 0.02): after 30 steps its rows are still ~sqrt(128) long
-    assert 8.0 < float(table.norm(dim=1).mean()) < 14.0
+    # the class table starts at N(0, 1) (not DiT's 0.02): after 30 steps its rows are still ~sqrt(hidden) long
+    hidden = info["arch"]["hidden_size"]
+    assert hidden == 288
+    assert 0.7 * hidden**0.5 < float(table.norm(dim=1).mean()) < 1.3 * hidden**0.5
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp file left
-
-
-def test_ablation_grid_quick_end_to_end(tmp_path):
-    r = _run(["scripts/ablation_mini.py", "--quick", "--bits", "1", "--rules", "frozen", "output_aware",
-              "--samples", "60", "--batch", "60", "--quant-seed", "3", "--out", str(tmp_path),
-              "--cache", str(tmp_path / "cache")])
-    res = json.loads((tmp_path / "results-mini-seed3.json").read_text())
-    schemes = [row["scheme"] for row in res["rows"]]
-    assert schemes == ["FP", "VQ", "PQ", "DPQ", "DPQ+calib[frozen]", "DPQ+calib[output_aware]"]
-    rows = {row["scheme"]: row for row in res["rows"]}
-    # sizes: PQ's per-group codebooks cost more than VQ's one; the pool brings DPQ to VQ's total x 1.1
-    assert rows["PQ"]["effective_bits"] > rows["DPQ"]["effective_bits"]
-    assert rows["DPQ"]["effective_bits"] <= 1.1 * rows["VQ"]["effective_bits"] + 1e-6
-    assert rows["DPQ+calib[frozen]"]["effective_bits"] == rows["DPQ"]["effective_bits"]
-    assert all(0.0 <= row["agreement"] <= 1.0 and row["fid"] > 0 for row in res["rows"])
-    assert set(res["trajectory"]) == {"VQ@1", "DPQ@1", "DPQ+calib@1"}
-    assert len(res["trajectory"]["VQ@1"]) == res["args"]["trajectory_steps"]
-    assert len(res["teacher_sha256"]) == 64 and res["wall_s"] > 0
-    md = (tmp_path / "results-mini.md").read_text()
-    assert md.count("**Claim ") == 4 and "(seeds 3)" in md
-    assert "| DPQ+calib[output_aware] | 1 |" in md
-    for png in ("results-mini-fid-vs-bits.png", "results-mini-trajectory.png"):
-        assert (tmp_path / png).stat().st_size > 1000
-    assert "wrote" in r.stdout

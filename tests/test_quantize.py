@@ -168,13 +168,13 @@ def test_failed_save_keeps_previous_file(small_dit, tmp_path, monkeypatch):
     quantize_(small_dit, scheme(1))
     path = save_packed(small_dit, tmp_path / "m.dpq")
     before = path.read_bytes()
-    import dpq_lightning.packed as packed
+    import dpq_lightning.atomic as atomic
 
-    def broken(tensors, filename, metadata=None):
-        open(filename, "wb").write(b"partial")
+    def broken(tmp, data):
+        open(tmp, "wb").write(data[:100])  # half-written, then the disk is full
         raise OSError("disk full")
 
-    monkeypatch.setattr(packed, "save_file", broken)
+    monkeypatch.setattr(atomic, "_write", broken)
     with pytest.raises(OSError, match="disk full"):
         save_packed(small_dit, path)
     assert path.read_bytes() == before

@@ -46,7 +46,7 @@ def build_callbacks(eval_cfg: EvalConfig, decode_fn: Callable[[torch.Tensor], to
     ``out_dir`` defaults to the trainer's ``default_root_dir`` (the run's ``output_dir``).
     """
     c = eval_cfg
-    if not c.enabled:
+    if not (c.enabled and c.periodic):
         return []
     cbs: list = [CompressionReportCallback(out_dir=out_dir)]
     if c.num_samples > 0:

@@ -7,13 +7,8 @@ import math
 import lightning as L
 import torch
 
+from ..final_eval import DIGITS_SHAPE, proxy_metrics_of, proxy_samples, rank_seed
 from ._util import PeriodicCallback, eval_mode, log_scalars, note, sample_shape
-
-DIGITS_SHAPE = (1, 8, 8)  # the digits classifier's input: the miniature's pixel space
-
-
-def _rank_seed(seed: int, rank: int) -> int:
-    return (int(seed) * 1_000_003 + 7919 * int(rank)) % (2**63 - 1)
 
 
 class ProxyMetricsCallback(PeriodicCallback):
@@ -90,19 +85,18 @@ class ProxyMetricsCallback(PeriodicCallback):
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule, model: torch.nn.Module) -> dict[str, float]:
         """Sample this rank's share, gather on rank 0, compute the proxy there; the same dict on
         every rank."""
-        from ..sampling import sample
+        from ..eval_config import EvalConfig
 
         world, rank, dev = trainer.world_size, trainer.global_rank, pl_module.device
         labels = self.labels(model.num_classes)
         per = math.ceil(self.num_samples / world)
         padded = torch.cat([labels, labels[: per * world - self.num_samples]])  # equal shares for all_gather
         mine = padded[rank * per:(rank + 1) * per].to(dev)
-        gen = torch.Generator(device=dev).manual_seed(_rank_seed(self.seed, rank))
+        gen = torch.Generator(device=dev).manual_seed(rank_seed(self.seed, rank))
         shape = sample_shape(model)
+        proto = EvalConfig(sampling_steps=self.steps, cfg_scale=self.cfg_scale, method=self.method)
         with eval_mode(model):
-            parts = [sample(model, mine[i:i + self.batch_size], shape, steps=self.steps, cfg_scale=self.cfg_scale,
-                            method=self.method, generator=gen) for i in range(0, per, self.batch_size)]
-        x = torch.cat(parts).float()  # (per, C, H, W)
+            x = proxy_samples(model, mine, proto, gen, self.batch_size)  # (per, C, H, W)
         if world > 1:
             x = pl_module.all_gather(x).reshape(world * per, *shape)  # rank order = label order
         if world == 1:
@@ -119,9 +113,4 @@ class ProxyMetricsCallback(PeriodicCallback):
         return metrics
 
     def compute(self, samples: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        from ..metrics import proxy_metrics
-
-        r = proxy_metrics(samples.clamp(-1, 1), labels.cpu(), self._clf())
-        return {"fid_proxy": float(r["fid"]), "is_proxy": float(r["is_mean"]), "is_proxy_std": float(r["is_std"]),
-                "kid_proxy": float(r["kid_mean"]), "kid_proxy_std": float(r["kid_std"]),
-                "agreement": float(r["agreement"])}
+        return proxy_metrics_of(samples, labels, self._clf())

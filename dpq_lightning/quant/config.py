@@ -33,6 +33,7 @@ class LayerRule:
     K: int | None = None
     granularity: str | None = None
     group_rows: int | None = None
+    group_cols: int | None = None
 
 
 @dataclass
@@ -75,7 +76,8 @@ class QuantConfig:
     d: int = 8  # sub-vector length
     K: int = 256  # codewords per group; nominal bits per weight = log2(K) / d
     granularity: str = "column"  # column = PQ, layer = VQ baseline, rows = blocks of rows
-    group_rows: int = 0  # rows per group when granularity == "rows"
+    group_rows: int = 0  # rows per group: required for "rows"; for "column", 0 = all rows
+    group_cols: int = 1  # column granularity: adjacent column blocks sharing one codebook
     include: list[str] = field(default_factory=lambda: ["*"])  # fnmatch over parameter names
     exclude: list[str] = field(default_factory=list)
     overrides: list[LayerRule] = field(default_factory=list)
@@ -100,6 +102,7 @@ class QuantConfig:
         _positive("d", self.d)
         _positive("K", self.K)
         _positive("kmeans_iters", self.kmeans_iters)
+        _positive("group_cols", self.group_cols)
         if self.granularity not in GRANULARITIES:
             raise QuantConfigError(f"quant.granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if self.kmeans_init not in ("kmeans++", "random"):
@@ -123,9 +126,12 @@ class QuantConfig:
         for i, r in enumerate(self.overrides):
             if r.granularity is not None and r.granularity not in GRANULARITIES:
                 raise QuantConfigError(f"quant.overrides[{i}].granularity must be one of {GRANULARITIES}")
-            for key in ("d", "K", "group_rows"):
+            for key in ("d", "K", "group_cols"):
                 if getattr(r, key) is not None:
                     _positive(f"overrides[{i}].{key}", getattr(r, key))
+            if r.group_rows is not None and (not isinstance(r.group_rows, int) or r.group_rows < 0):
+                raise QuantConfigError(f"quant.overrides[{i}].group_rows must be an integer >= 0 (0 = all rows), "
+                                       f"got {r.group_rows!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -10,7 +10,9 @@ columns. The three granularities of the method are the same code with different 
 =============  ==========  ============  =====================================
 granularity    gr          gc            meaning
 =============  ==========  ============  =====================================
-``column``     R           1             classic PQ: one codebook per column block
+``column``     R or        group_cols    PQ: one codebook per ``group_cols`` adjacent column
+               group_rows                blocks (1 = classic PQ) of all rows, or of
+                                         ``group_rows`` rows when that is set (> 0)
 ``layer``      R           M             VQ baseline: one codebook for the whole layer
 ``rows``       group_rows  M             one codebook per block of rows
 =============  ==========  ============  =====================================
@@ -82,9 +84,14 @@ class Geometry:
 
 
 def make_geometry(
-    name: str, shape: tuple[int, ...], d: int, granularity: str, group_rows: int = 0
+    name: str, shape: tuple[int, ...], d: int, granularity: str, group_rows: int = 0, group_cols: int = 1
 ) -> Geometry:
-    """Validate that a weight of ``shape`` can be cut as asked; raise naming the layer if not."""
+    """Validate that a weight of ``shape`` can be cut as asked; raise naming the layer if not.
+
+    ``group_cols`` (column granularity only) lets that many adjacent column blocks share one
+    codebook, so a group holds ``R * group_cols`` sub-vectors. The per-weight codebook cost is
+    ``K * 16 / (R * group_cols)`` bits: a narrow model reaches a wide model's arithmetic with it.
+    """
     if len(shape) < 2:
         raise GeometryError(f"{name}: shape {tuple(shape)} is not a matrix; only 2-D or larger weights are quantized")
     rows = shape[0]
@@ -101,7 +108,18 @@ def make_geometry(
         )
     m = cols // d
     if granularity == "column":
-        gr, gc = rows, 1
+        if group_cols <= 0 or m % group_cols != 0:
+            raise GeometryError(
+                f"{name}: group_cols={group_cols} must be a positive divisor of the {m} column blocks "
+                f"(weight shape {tuple(shape)} viewed as [{rows}, {cols}], d={d}); choose another "
+                f"group_cols for this layer (quant.overrides)"
+            )
+        if group_rows and rows % group_rows != 0:
+            raise GeometryError(
+                f"{name}: group_rows={group_rows} must divide the {rows} rows of weight shape "
+                f"{tuple(shape)} (or be 0 for all rows); choose another group_rows for this layer (quant.overrides)"
+            )
+        gr, gc = (group_rows or rows), group_cols
     elif granularity == "layer":
         gr, gc = rows, m
     elif granularity == "rows":

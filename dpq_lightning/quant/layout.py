@@ -68,13 +68,20 @@ def container_bytes(structure: dict, metadata: dict[str, str]) -> int:
     return 8 + n + (-n) % 8
 
 
-def metadata_for(structure: dict, model_meta: dict, quant: dict, left_float: dict) -> dict[str, str]:
-    """safetensors metadata must be ``str -> str``: one JSON document under ``"dpq"``."""
+# The size prediction runs before any tensor exists: it counts a checksum of the same length.
+NO_CHECKSUM = "0" * 64
+
+
+def metadata_for(structure: dict, model_meta: dict, quant: dict, left_float: dict,
+                 checksum: str = NO_CHECKSUM) -> dict[str, str]:
+    """safetensors metadata must be ``str -> str``: one JSON document under ``"dpq"``.
+    ``checksum``: sha256 (hex) of the tensor payload, verified on load."""
     doc = {
         "format": FORMAT,
         "model": model_meta,
         "structure": structure,
         "quant": quant,
         "left_float": left_float,
+        "payload_sha256": checksum,
     }
     return {"dpq": json.dumps(doc, separators=(",", ":"), sort_keys=True)}

@@ -47,16 +47,17 @@ def _matches(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def _rule_for(name: str, cfg: QuantConfig) -> tuple[int, int, str, int]:
-    d, K, gran, rows = cfg.d, cfg.K, cfg.granularity, cfg.group_rows
+def _rule_for(name: str, cfg: QuantConfig) -> tuple[int, int, str, int, int]:
+    d, K, gran, rows, cols = cfg.d, cfg.K, cfg.granularity, cfg.group_rows, cfg.group_cols
     for rule in cfg.overrides:
         if fnmatch.fnmatchcase(name, rule.pattern):
             d = rule.d if rule.d is not None else d
             K = rule.K if rule.K is not None else K
             gran = rule.granularity if rule.granularity is not None else gran
             rows = rule.group_rows if rule.group_rows is not None else rows
+            cols = rule.group_cols if rule.group_cols is not None else cols
             break
-    return d, K, gran, rows
+    return d, K, gran, rows, cols
 
 
 def make_plan(model: nn.Module, cfg: QuantConfig) -> Plan:
@@ -87,8 +88,8 @@ def make_plan(model: nn.Module, cfg: QuantConfig) -> Plan:
             if not selected:
                 floats.append(FloatPlan(name, shape, "excluded", "not selected by quant.include/exclude"))
                 continue
-            d, K, gran, grows = _rule_for(name, cfg)
-            geo = make_geometry(name, shape, d, gran, grows)
+            d, K, gran, grows, gcols = _rule_for(name, cfg)
+            geo = make_geometry(name, shape, d, gran, grows, gcols)
             if K > geo.group_size:
                 raise GeometryError(
                     f"{name}: K={K} codewords is more than the {geo.group_size} sub-vectors in each "

@@ -144,13 +144,17 @@ def quantize_(
     """Replace every selected weight of ``model`` by a PQ module, in place; return the size report.
 
     ``device``: where k-means runs (defaults to the weight's device). Raises before any k-means
-    if a layer's shape, a pattern or the size budget is wrong.
+    if a layer's shape, a pattern, the size budget or a weight's values (NaN / inf) are wrong.
+    All-or-nothing: the PQ modules are built first and swapped in only once every layer is done,
+    so an error (or an interrupt) part-way leaves ``model`` exactly as it was.
     """
     plan = make_plan(model, cfg)
     meta = model_meta(model)
     left = _left_float(plan)
     choose_pool_sizes(plan, cfg, lambda p: size_report(_structure_from_plan(model, p), meta, cfg, left))
+    _check_finite(model, plan)
     t0 = time.perf_counter()
+    replaced: list[tuple[str, nn.Module]] = []
     for i, layer in enumerate(plan.layers):
         if progress is not None:
             progress(layer.param_name, i, len(plan.layers))
@@ -170,7 +174,9 @@ def quantize_(
         codes, _ = nearest(X, pq.effective_codebooks().detach().to(work))
         pq.codes.copy_(codes.to(pq.codes.dtype).cpu())
         pq.to(W.device)
-        _set_module(model, layer.module_name, wrap_module(module, pq).to(W.device))
+        replaced.append((layer.module_name, wrap_module(module, pq).to(W.device)))
+    for name, new in replaced:  # nothing in the model changed before this point
+        _set_module(model, name, new)
     model.dpq_info = {
         "quant": cfg.to_dict(),
         "left_float": left,
@@ -179,6 +185,20 @@ def quantize_(
     }
     round_to_storage_(model)
     return report_of(model)
+
+
+def _check_finite(model: nn.Module, plan: Plan) -> None:
+    """Every quantized weight and every float kept must be finite: k-means on NaN returns NaN
+    codebooks (torch) or aborts inside faiss, naming no layer."""
+    params = dict(model.named_parameters())
+    names = [layer.param_name for layer in plan.layers] + [f.name for f in plan.floats]
+    for name in names:
+        p = params[name].detach()
+        bad = int((~torch.isfinite(p)).sum())
+        if bad:
+            raise ValueError(
+                f"{name}: {bad} of {p.numel()} values are NaN or infinite; fix the checkpoint (or exclude the "
+                f"parameter with quant.exclude) before quantizing. Nothing was changed.")
 
 
 def report_of(model: nn.Module) -> SizeReport:

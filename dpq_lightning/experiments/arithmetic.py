@@ -1,0 +1,70 @@
+"""The miniature's size arithmetic next to DiT-XL/2's: the same scheme, the same bit level, the
+size report of ``configs/mini/<s>_<b>bit.yaml`` against that of ``configs/<s>_<b>bit.yaml``
+(what ``dpq plan --json`` prints for each; shapes only, no weights).
+
+The miniature stands for DiT-XL/2 only if its effective bits per parameter are within
+``TOLERANCE`` of XL's for every scheme and bit level, and so is every share of the size that goes
+to codebooks, pointers or pool where that share is at least ``MIN_SHARE`` on either side.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+TOLERANCE = 0.15  # relative
+MIN_SHARE = 0.05  # of the total size
+PARTS = ("codebooks", "pointers", "pool")
+SCHEMES = ("VQ", "PQ", "DPQ")
+
+
+def size_summary(config: Path) -> dict:
+    """``dpq plan --json``'s object for one config file."""
+    from ..config import load_config
+    from ..stage1 import predict_size
+
+    cfg = load_config(config)
+    report = predict_size(cfg)
+    return {"config": str(config), "model": cfg.model.name, **report.summary(), "notes": list(report.notes)}
+
+
+def shares(summary: dict) -> dict[str, float]:
+    return {p: summary[f"bytes_{p}"] / summary["total_bytes"] for p in PARTS}
+
+
+def compare(mini: dict, full: dict) -> dict:
+    """Relative differences of the miniature against DiT-XL/2 and whether each is within bounds."""
+    rel = lambda a, b: (a - b) / b  # noqa: E731
+    checks = {"effective_bits": rel(mini["effective_bits"], full["effective_bits"])}
+    sm, sf = shares(mini), shares(full)
+    for p in PARTS:
+        if max(sm[p], sf[p]) >= MIN_SHARE:
+            checks[f"share_{p}"] = rel(sm[p], sf[p]) if sf[p] > 0 else float("inf")
+    return {"mini": mini, "full": full, "shares_mini": sm, "shares_full": sf, "rel": checks,
+            "ok": all(abs(v) <= TOLERANCE for v in checks.values())}
+
+
+def arithmetic_table(configs: Path, bits=(1, 2, 3)) -> list[dict]:
+    """One comparison per scheme and bit level, read from ``configs/`` and ``configs/mini/``."""
+    rows = []
+    for b in bits:
+        for s in SCHEMES:
+            name = f"{s.lower()}_{b}bit.yaml"
+            row = compare(size_summary(configs / "mini" / name), size_summary(configs / name))
+            rows.append({"scheme": s, "bits": b, **row})
+    return rows
+
+
+def render_arithmetic(rows: list[dict]) -> list[str]:
+    """Markdown lines: the side-by-side table and a one-line verdict."""
+    pct = lambda v: f"{100 * v:.1f}%"  # noqa: E731
+    lines = ["| scheme | bits | effective bits: mini / XL (diff) | codebooks: mini / XL | pointers: mini / XL | "
+             "pool: mini / XL | within 15% |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        m, f, rel = r["mini"], r["full"], r["rel"]
+        parts = [f"{pct(r['shares_mini'][p])} / {pct(r['shares_full'][p])}"
+                 + (f" ({100 * rel[f'share_{p}']:+.0f}%)" if f"share_{p}" in rel else "") for p in PARTS]
+        lines.append(f"| {r['scheme']} | {r['bits']} | {m['effective_bits']:.3f} / {f['effective_bits']:.3f} "
+                     f"({100 * rel['effective_bits']:+.1f}%) | " + " | ".join(parts) + f" | {'yes' if r['ok'] else 'NO'} |")
+    bad = [f"{r['scheme']} {r['bits']} bit" for r in rows if not r["ok"]]
+    lines += ["", "All within bounds." if not bad else f"Outside the bounds: {', '.join(bad)}."]
+    return lines

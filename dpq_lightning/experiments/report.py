@@ -1,0 +1,182 @@
+"""``docs/results-mini.md`` and its figures, rendered from the grid's files, never typed.
+
+Inputs: ``<results>/seed<S>/<cell>.json`` (one per run, written by :func:`.grid.run_grid`, each
+holding that run's ``summary.json``) and ``grid.json`` per seed (cost, machine, date). Seeds are
+merged only when their protocol (every cell's resolved config but the seeds and output folder,
+and the teacher file) is the same; the table shows means over seeds with each seed's FID-proxy.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from ..atomic import write_text_atomic
+from .arithmetic import arithmetic_table, render_arithmetic
+from .claims import check_all
+
+ORDER = ("FP", "VQ", "PQ", "DPQ", "VQ+calib", "DPQ+calib")
+
+
+def row_of(record: dict) -> dict:
+    """A table row from one cell's record."""
+    s = record["summary"]
+    ev = s["eval"]["student"]
+    label = record["scheme"] + ("+calib" if record["calibrated"] else "")
+    return {"scheme": label, "bits": record["bits"], "fid": ev["fid_proxy"], "is_mean": ev["is_proxy"],
+            "agreement": ev["agreement"], "effective_bits": s["size"]["effective_bits"], "ratio": s["size"]["ratio"],
+            "trajectory": s["eval"].get("trajectory", {}).get("student"), "seconds": record["seconds"]}
+
+
+def load_seed(folder: Path) -> tuple[list[dict], dict, str]:
+    """``(rows, grid meta, protocol key)`` of one seed folder. The FP row is the teacher's
+    measurement of the cell that made it."""
+    meta = json.loads((folder / "grid.json").read_text())
+    records = [json.loads((folder / f"{c}.json").read_text()) for c in meta["cells"]]
+    rows = [row_of(r) for r in records]
+    teacher = next(r["summary"]["eval"]["teacher"] for r in records if "teacher" in r["summary"]["eval"])
+    rows.insert(0, {"scheme": "FP", "bits": 32, "fid": teacher["fid_proxy"], "is_mean": teacher["is_proxy"],
+                    "agreement": teacher["agreement"], "effective_bits": 32.0, "ratio": 1.0, "trajectory": None})
+    return rows, meta, protocol_key(records)
+
+
+def protocol_key(records: list[dict]) -> str:
+    """Everything that must agree between seeds: each config minus its seeds and output folder."""
+    strip = re.compile(r"^(seed|output_dir|  seed): .*$", re.M)
+    return json.dumps([strip.sub("", r["config"]) for r in records]) + json.dumps(
+        [[r["summary"]["eval"]["protocol"], r.get("teacher_sha256")] for r in records], sort_keys=True)
+
+
+def load_all(results: Path) -> tuple[dict[int, list[dict]], dict[int, dict], list[str]]:
+    """Seeds sharing the newest seed folder's protocol; also the names of those left out."""
+    folders = sorted((p for p in results.glob("seed*") if (p / "grid.json").is_file()),
+                     key=lambda p: (p / "grid.json").stat().st_mtime)
+    if not folders:
+        raise FileNotFoundError(f"no seed*/grid.json under {results}: run python scripts/grid.py --seed 0 first")
+    loaded = {int(p.name[4:]): load_seed(p) for p in folders}
+    newest = loaded[int(folders[-1].name[4:])][2]
+    rows = {s: v[0] for s, v in loaded.items() if v[2] == newest}
+    metas = {s: v[1] for s, v in loaded.items() if v[2] == newest}
+    left = [f"seed{s}" for s, v in loaded.items() if v[2] != newest]
+    return dict(sorted(rows.items())), metas, left
+
+
+def merged(rows_by_seed: dict[int, list[dict]]) -> list[dict]:
+    """Rows averaged over seeds; ``fid_seeds`` keeps each seed's FID-proxy."""
+    first = next(iter(rows_by_seed.values()))
+    out = []
+    for r0 in first:
+        same = [next(r for r in rows if r["scheme"] == r0["scheme"] and r["bits"] == r0["bits"])
+                for rows in rows_by_seed.values()]
+        m = dict(r0)
+        for k in ("fid", "is_mean", "agreement", "effective_bits", "ratio"):
+            m[k] = sum(r[k] for r in same) / len(same)
+        m["fid_seeds"] = [r["fid"] for r in same]
+        m["trajectories"] = [r["trajectory"] for r in same if r.get("trajectory")]
+        out.append(m)
+    return out
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    import io
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    _plt().close(fig)
+    from ..atomic import write_bytes_atomic
+
+    return write_bytes_atomic(buf.getvalue(), path)
+
+
+def fig_fid_vs_bits(rows: list[dict], path: Path) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in ORDER[1:]:
+        rs = sorted((r for r in rows if r["scheme"] == name), key=lambda r: r["effective_bits"])
+        if rs:
+            ax.plot([r["effective_bits"] for r in rs], [r["fid"] for r in rs], "o-", label=name)
+    fp = next(r for r in rows if r["scheme"] == "FP")
+    ax.axhline(fp["fid"], color="k", ls="--", label="FP teacher")
+    ax.set(xlabel="effective bits per parameter (everything counted)", ylabel="FID-proxy (lower is better)",
+           yscale="log", title="Digits miniature: FID-proxy vs total size")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def fig_trajectory(rows: list[dict], path: Path) -> Path:
+    """Mean over blocks (and seeds) of the relative block error at each sampling step, stage 1."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        if r["scheme"] in ("VQ", "DPQ", "DPQ+calib") and r.get("trajectories"):
+            ts = r["trajectories"]
+            mean = [sum(sum(t[i]) / len(t[i]) for t in ts) / len(ts) for i in range(len(ts[0]))]
+            ax.plot(range(len(mean)), mean, label=f"{r['scheme']} {r['bits']} bit")
+    ax.set(xlabel="sampling step (x_T -> x_0)", ylabel="mean relative block error", yscale="log",
+           title="Block error along the student's own trajectory")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def write_report(results: Path, configs: Path, out: Path) -> Path:
+    """Render ``out`` (markdown) and its two PNGs next to it from ``results``."""
+    rows_by_seed, metas, left = load_all(results)
+    rows = merged(rows_by_seed)
+    several = len(rows_by_seed) > 1
+    stem = out.stem
+    fig_fid_vs_bits(rows, out.with_name(f"{stem}-fid-vs-bits.png"))
+    fig_trajectory(rows, out.with_name(f"{stem}-trajectory.png"))
+    s0 = next(iter(rows_by_seed))
+    first = json.loads((results / f"seed{s0}" / f"{metas[s0]['cells'][0]}.json").read_text())
+    costs = "; ".join(f"seed {s}: {m['cell_seconds'] / 60:.1f} min of runs on {m['machine']} ({m['date']})"
+                      for s, m in metas.items())
+    lines = [
+        "# Results: the digits miniature",
+        "",
+        "Rendered by `python scripts/grid.py --report` from the runs' files under `docs/results-mini/` (one "
+        "`<cell>.json` per run = its `summary.json` and resolved config, one `grid.json` per seed); each seed's grid is "
+        "`python scripts/grid.py --seed S`: every cell is `configs/mini/<cell>.yaml` run through `train.py`'s own code "
+        f"path with `seed=S quant.seed=S`. Cost: {costs}.",
+        "",
+    ]
+    p = first["summary"]["eval"]["protocol"]
+    lines += [f"Teacher `{first.get('teacher', '?')}` (sha256 {str(first.get('teacher_sha256'))[:12]}). Protocol (every cell): {p['num_samples']} samples, balanced classes, {p['method'].upper()} "
+                  f"{p['sampling_steps']} steps, guidance {p['cfg_scale']}, x_T from eval seed {p['seed']} for every "
+                  "model; FID/KID/IS-proxy from the digits classifier's features against all 1797 real digits; "
+                  f"block error along the student's own {p['trajectory_steps']}-step trajectory "
+                  f"({p['trajectory_samples']} samples). Calibrated cells: today's recipe of `configs/mini/dpq_*bit.yaml` "
+                  "(see `configs/mini/_miniature.yaml`). Seeds: " + ", ".join(map(str, rows_by_seed))
+                  + (" (means over seeds; each seed's FID-proxy in brackets)." if several else "."), ""]
+    lines += ["## Size arithmetic: the miniature next to DiT-XL/2", "",
+              "Each scheme's `configs/mini/` file against its full-scale file (`dpq plan --json` on both; shares of "
+              "the total size, compared where either side is at least 5%):", ""]
+    lines += render_arithmetic(arithmetic_table(configs)) + [""]
+    lines += ["## Quality", "", "| scheme | nominal bits | FID-proxy | IS-proxy | agreement | effective bits | ratio vs FP32 |",
+              "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (-r["bits"], ORDER.index(r["scheme"]))):
+        nb = "32" if r["scheme"] == "FP" else str(r["bits"])
+        fid = f"{r['fid']:.1f}" + (f" [{' / '.join(f'{v:.1f}' for v in r['fid_seeds'])}]" if several else "")
+        lines.append(f"| {r['scheme']} | {nb} | {fid} | {r['is_mean']:.2f} | {r['agreement']:.3f} | "
+                     f"{r['effective_bits']:.3f} | {r['ratio']:.1f}x |")
+    lines += ["", f"![FID-proxy vs effective bits]({stem}-fid-vs-bits.png)", "",
+              f"![block error along the trajectory]({stem}-trajectory.png)", "",
+              "## The four claims (checked per seed by `dpq_lightning.experiments.claims`)", ""]
+    for c in check_all(rows_by_seed):
+        lines.append(f"**{c['title']}: {c['verdict']}.** Criterion: {c['criterion']}.")
+        lines.append("")
+        lines += [f"- seed {s}: {'held' if h else 'not held'}. {t}." for s, (h, t) in c["seeds"].items()]
+        lines.append("")
+    if left:
+        lines += [f"Seed folders left out (another protocol or teacher): {', '.join(left)}.", ""]
+    return write_text_atomic("\n".join(lines), out)

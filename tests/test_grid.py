@@ -1,0 +1,99 @@
+"""The miniature's grid through train.py's own path, on tiny counts; its size arithmetic against
+DiT-XL/2's; ``dpq plan --json``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dpq_lightning.experiments.arithmetic import MIN_SHARE, TOLERANCE, arithmetic_table, size_summary
+from dpq_lightning.experiments.grid import cells, run_grid
+from dpq_lightning.experiments.report import write_report
+
+ROOT = Path(__file__).parents[1]
+SIZE_KEYS = {"bytes_codes", "bytes_codebooks", "bytes_pointers", "bytes_pool", "bytes_float", "bytes_header",
+             "total_bytes", "fp32_bytes", "ratio", "effective_bits", "nominal_bits", "num_params"}
+
+
+def test_plan_json_has_the_summary_size_keys():
+    r = subprocess.run([sys.executable, "-m", "dpq_lightning.cli", "plan", "--config", "configs/dpq_1bit.yaml",
+                        "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert SIZE_KEYS <= set(d)
+    assert d["num_params"] == 674_834_720 and d["ratio"] == pytest.approx(28.12, abs=0.01)
+    assert d["total_bytes"] == pytest.approx(sum(d[f"bytes_{k}"] for k in
+                                                 ("codes", "codebooks", "pointers", "pool", "float", "header")))
+
+
+def test_miniature_size_arithmetic_is_dit_xl2s():
+    rows = arithmetic_table(ROOT / "configs")
+    assert [(r["scheme"], r["bits"]) for r in rows] == [(s, b) for b in (1, 2, 3) for s in ("VQ", "PQ", "DPQ")]
+    for r in rows:
+        assert abs(r["rel"]["effective_bits"]) <= TOLERANCE, (r["scheme"], r["bits"], r["rel"])
+        for part, mini in r["shares_mini"].items():
+            if max(mini, r["shares_full"][part]) >= MIN_SHARE:
+                assert abs(mini / r["shares_full"][part] - 1) <= TOLERANCE, (r["scheme"], r["bits"], part)
+        assert r["ok"]
+    # the shares that carry the arithmetic are compared: PQ's codebooks, DPQ's pointers, VQ's codebooks
+    by = {(r["scheme"], r["bits"]): r for r in rows}
+    assert {"share_codebooks"} <= set(by["PQ", 1]["rel"]) and {"share_pointers"} <= set(by["DPQ", 2]["rel"])
+    assert "share_codebooks" in by["VQ", 1]["rel"]
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3])
+def test_vq_and_dpq_have_equal_total_size(bits):
+    """Claim 1 compares at equal size: the two files of a level are within 5% of each other."""
+    for where in ("", "mini/"):
+        vq = size_summary(ROOT / "configs" / f"{where}vq_{bits}bit.yaml")["effective_bits"]
+        dpq = size_summary(ROOT / "configs" / f"{where}dpq_{bits}bit.yaml")["effective_bits"]
+        assert abs(vq / dpq - 1) <= 0.05, (where, bits, vq, dpq)
+
+
+def test_every_cell_has_a_config_that_loads():
+    from dpq_lightning.config import load_config
+
+    for c in cells():
+        cfg = load_config(ROOT / "configs" / "mini" / f"{c.name}.yaml")
+        assert cfg.stage1_only == (not c.calibrated)
+        assert cfg.model.checkpoint == "checkpoints/digits_teacher.pt" and cfg.data.kind == "digits"
+
+
+QUICK = ["trainer.max_steps=3", "trainer.ckpt_every_n_steps=3", "calib.assign_every=2", "eval.num_samples=30",
+         "eval.sampling_steps=3", "eval.trajectory_steps=3", "quant.kmeans_iters=2", "quant.pool.iters=2"]
+
+
+def test_grid_runs_through_train_py_and_resumes(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the configs name checkpoints/ relative to the repository
+    lines: list[str] = []
+    results, runs = tmp_path / "results", tmp_path / "runs"
+    dest = run_grid(5, ROOT / "configs" / "mini", runs, results, QUICK, bits=(1,), log=lines.append)
+    names = [c.name for c in cells((1,))]
+    assert names == ["vq_1bit_stage1", "pq_1bit_stage1", "dpq_1bit_stage1", "vq_1bit", "dpq_1bit"]
+    assert len(lines) == 5 and all("FID-proxy" in ln for ln in lines)
+    recs = {n: json.loads((dest / f"{n}.json").read_text()) for n in names}
+    # each record is that run's own summary.json, made by train.py's path
+    for n, rec in recs.items():
+        assert rec["summary"] == json.loads((runs / "seed5" / n / "summary.json").read_text())
+        assert rec["summary"]["seed"] == 5 and "seed: 5" in rec["config"]
+    assert "teacher" in recs["vq_1bit_stage1"]["summary"]["eval"]  # measured once, by the first cell
+    assert all("teacher" not in recs[n]["summary"]["eval"] for n in names[1:])
+    assert recs["dpq_1bit"]["summary"]["steps"] == 3 and recs["dpq_1bit_stage1"]["summary"]["steps"] == 0
+    s = {n: r["summary"]["size"]["effective_bits"] for n, r in recs.items()}
+    assert s["dpq_1bit"] == s["dpq_1bit_stage1"] and s["pq_1bit_stage1"] > 1.9 * s["dpq_1bit_stage1"]
+    assert abs(s["vq_1bit"] / s["dpq_1bit"] - 1) <= 0.05
+    traj = recs["dpq_1bit_stage1"]["summary"]["eval"]["trajectory"]["student"]
+    assert len(traj) == 3 and len(traj[0]) == 4  # 3 sampling steps x 4 blocks
+    # resumed: nothing runs again
+    again: list[str] = []
+    run_grid(5, ROOT / "configs" / "mini", runs, results, QUICK, bits=(1,), log=again.append)
+    assert len(again) == 5 and all("skipped" in ln for ln in again)
+    md = write_report(results, ROOT / "configs", tmp_path / "report.md").read_text()
+    assert md.count("**Claim ") == 4 and "(seeds 5)" in md
+    assert "| DPQ+calib | 1 |" in md and "| VQ | 1 | 1.229 / 1.177" in md
+    for png in ("report-fid-vs-bits.png", "report-trajectory.png"):
+        assert (tmp_path / png).stat().st_size > 1000

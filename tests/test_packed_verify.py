@@ -1,0 +1,92 @@
+"""Packed files carry a payload checksum and a schema-checked header: damage is an error that
+names the file, never a silently different model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from dpq_lightning.cli import main as dpq_main
+from dpq_lightning.packed import PackedFileError, load_packed, save_packed
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    from dpq_lightning.models import build_dit
+    from dpq_lightning.quant import QuantConfig, quantize_
+
+    model = build_dit("DiT-T/2", input_size=8, in_channels=1, num_classes=10)
+    quantize_(model, QuantConfig(d=4, K=16, kmeans_backend="torch", granularity="layer", kmeans_iters=2,
+                                 overrides=[{"pattern": "blocks.*", "granularity": "column"}]))
+    return save_packed(model, tmp_path_factory.mktemp("p") / "m.dpq")
+
+
+def test_a_flipped_bit_is_caught_and_can_be_overridden(packed, tmp_path):
+    raw = bytearray(packed.read_bytes())
+    header = int.from_bytes(raw[:8], "little")
+    raw[8 + header + 5] ^= 0x10  # one bit in the first tensor's data
+    bad = tmp_path / "flipped.dpq"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(PackedFileError, match=r"flipped\.dpq: checksum mismatch"):
+        load_packed(bad)
+    model = load_packed(bad, verify=False)  # the documented opt-out still loads it
+    assert sum(p.numel() for p in model.parameters()) > 0
+    assert dpq_main(["verify", str(bad)]) == 2
+
+
+def test_verify_command_on_a_good_file(packed, capsys):
+    assert dpq_main(["verify", str(packed)]) == 0
+    out = capsys.readouterr().out
+    assert "m.dpq: OK (" in out and "tensors" in out
+
+
+def _rewrite(src, dst, edit):
+    with safe_open(str(src), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata()
+    meta = edit(dict(meta))
+    save_file(tensors, str(dst), metadata=meta)
+    return dst
+
+
+def _doc_edit(fn):
+    def edit(meta):
+        doc = json.loads(meta["dpq"])
+        fn(doc)
+        meta["dpq"] = json.dumps(doc)
+        return meta
+    return edit
+
+
+@pytest.mark.parametrize("name,edit,message", [
+    ("nojson", lambda m: {**m, "dpq": "{not json"}, "the dpq metadata is not valid JSON"),
+    ("nostructure", _doc_edit(lambda d: d.pop("structure")), "damaged metadata: 'structure' missing"),
+    ("noclass", _doc_edit(lambda d: d["model"].pop("class")), "damaged metadata: 'model.class' missing"),
+    ("badkind", _doc_edit(lambda d: next(iter(d["structure"]["pq"].values())).update(kind="bogus")),
+     "kind must be one of"),
+    ("badgeo", _doc_edit(lambda d: next(iter(d["structure"]["pq"].values()))["geo"].update(d=0)),
+     "geo is incomplete"),
+    ("badK", _doc_edit(lambda d: next(iter(d["structure"]["pq"].values())).update(K="16")),
+     "K must be a positive integer"),
+])
+def test_damaged_headers_name_the_file_and_the_fault(packed, tmp_path, name, edit, message, capsys):
+    bad = _rewrite(packed, tmp_path / f"{name}.dpq", edit)
+    with pytest.raises(PackedFileError, match=message) as e:
+        load_packed(bad)
+    assert f"{name}.dpq" in str(e.value)
+    assert dpq_main(["inspect", str(bad)]) == 2  # a message, not a traceback
+    assert message.split("(")[0] in capsys.readouterr().err
+
+
+def test_a_file_without_checksum_needs_the_opt_out(packed, tmp_path):
+    from dpq_lightning.quant.layout import NO_CHECKSUM
+
+    old = _rewrite(packed, tmp_path / "old.dpq", _doc_edit(lambda d: d.update(payload_sha256=NO_CHECKSUM)))
+    with pytest.raises(PackedFileError, match="no payload checksum"):
+        load_packed(old)
+    x, t, y = torch.randn(1, 1, 8, 8), torch.tensor([10]), torch.tensor([3])
+    assert torch.equal(load_packed(old, verify=False).eval()(x, t, y), load_packed(packed).eval()(x, t, y))
