@@ -2,7 +2,7 @@
 # CI: make sure a SLURM cluster is present for tests/test_slurm.py (which fails under CI=true
 # when SLURM is absent, and is skipped with the reason elsewhere). Installs Debian's slurm-wlm +
 # munge and starts a one-node cluster on this machine (scripts/slurm/cluster.sh; facts and traps
-# in shared/docs/slurm-notes.md). The daemons are left running for the tests; CI's machine is
+# in scripts/slurm/README.md). The daemons are left running for the tests; CI's machine is
 # discarded afterwards (locally: bash scripts/slurm/cluster.sh stop).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -15,19 +15,15 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parents[1]))
-
-from dpq_lightning.calib_config import CalibConfig  # noqa: E402
-from dpq_lightning.calibration import DPQCalibration  # noqa: E402
-from dpq_lightning.diffusion import Schedule, ddpm_loss  # noqa: E402
-from dpq_lightning.models import build_dit  # noqa: E402
-from dpq_lightning.quant import QuantConfig, quantize_  # noqa: E402
+from dpq_lightning.calib_config import CalibConfig
+from dpq_lightning.calibration import DPQCalibration
+from dpq_lightning.diffusion import Schedule, ddpm_loss
+from dpq_lightning.models import build_dit
+from dpq_lightning.quant import QuantConfig, quantize_
 
 MODELS = {
     # the tests' small DiT: 8x8x1 digits, hidden 128, depth 2

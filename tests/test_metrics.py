@@ -340,3 +340,8 @@ def test_readme_step6_evaluate_packed_latent_model(tmp_path, digits):
     # IS of ten identical images is exactly 1 (every split's KL is 0): the head is really used
     one = image_metrics(real[:1].repeat(10, 1, 1, 1), stats, feature=ext)
     assert one["is_mean"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_inception_weights_missing_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"Inception weights not found: .*nope\.pth"):
+        inception_extractor(tmp_path / "nope.pth")

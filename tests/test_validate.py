@@ -48,3 +48,13 @@ def test_missing_paths_fail_before_anything_is_built(overrides, message, tmp_pat
         run(cfg)
     assert time.time() - t0 < 5  # no teacher, no k-means
     assert not (tmp_path / "r").exists()  # nothing written
+
+
+def test_random_bytes_as_checkpoint_say_so(tmp_path):
+    from dpq_lightning.run import run
+
+    bad = tmp_path / "teacher.ckpt"
+    bad.write_bytes(bytes(range(256)) * 64)
+    cfg = load_config(QS, [f"output_dir={tmp_path / 'r'}", f"model.checkpoint={bad}"])
+    with pytest.raises(ValueError, match=r"teacher\.ckpt: cannot be read with torch\.load"):
+        run(cfg)

@@ -346,7 +346,9 @@ def load_pretrained(source: str | os.PathLike, config: str | DiTConfig | Mapping
     directory with ``config.json`` (or ``transformer/config.json``) or a hub id -> diffusers,
     whose config must then agree with ``config`` if one is given."""
     text = str(source)
-    if text.lower().endswith((".pt", ".pth", ".bin")):
+    # A single file is never a diffusers folder: whatever its suffix (.ckpt, .safetensors, ...), read
+    # it as an original checkpoint, so a damaged file is reported as such, not as missing weights.
+    if text.lower().endswith((".pt", ".pth", ".bin")) or Path(text).expanduser().is_file():
         return load_original_checkpoint(text, config, dtype=dtype)
     model = load_diffusers(text, dtype=dtype)
     if config is not None:
