@@ -275,6 +275,7 @@ def _finish(cfg: RunConfig, out: Path, student: torch.nn.Module, teacher: torch.
 
         summary["eval"] = final_evaluation(load_packed(path), teacher, cfg.eval)  # what the file holds
     write_json_atomic(summary, out / "summary.json")
-    (out / ".report.txt.tmp").write_text(report.table())
-    os.replace(out / ".report.txt.tmp", out / "report.txt")
+    from .atomic import write_text_atomic
+
+    write_text_atomic(report.table(), out / "report.txt")
     return summary

@@ -6,8 +6,6 @@ whole config, apart from :func:`run_stage1` which entry points call.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import torch
@@ -49,9 +47,9 @@ def predict_size(cfg: RunConfig) -> SizeReport:
 
 
 def write_json_atomic(data: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    from .atomic import write_json_atomic as write
+
+    write(data, path, indent=2)
 
 
 def run_stage1(cfg: RunConfig, device: str | None = None) -> tuple[torch.nn.Module, SizeReport, Path]:
@@ -66,7 +64,7 @@ def run_stage1(cfg: RunConfig, device: str | None = None) -> tuple[torch.nn.Modu
     report = quantize_with_progress(model, cfg.quant, device=device)
     path = save_packed(model, out / "model.dpq")
     write_json_atomic({"summary": report.summary(), **report.to_dict()}, out / "report.json")
-    tmp = out / ".report.txt.tmp"
-    tmp.write_text(report.table())
-    os.replace(tmp, out / "report.txt")
+    from .atomic import write_text_atomic
+
+    write_text_atomic(report.table(), out / "report.txt")
     return model, report, path
