@@ -3,7 +3,7 @@
 Builds the full-precision teacher, runs stage 1 once (product quantization + codebook pool),
 calibrates the compressed model against the frozen teacher as Lightning training, and exports
 the calibrated model as a packed file. ``stage1_only=true`` stops after stage 1. All logic lives
-in importable functions (``dpq_lightning.run``, ``dpq_lightning.stage1``).
+in importable functions (``dpq_lightning.jobs.run``, ``dpq_lightning.jobs.stage1``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
-        from dpq_lightning.run import run
+        from dpq_lightning.jobs.run import run
 
         summary = run(cfg)
     except (ValueError, FileNotFoundError, TimeoutError) as err:

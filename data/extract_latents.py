@@ -10,7 +10,6 @@ The work is done by dpq_lightning.data.extract; this file only parses the comman
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 
@@ -50,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from dpq_lightning.data import DataError, validate_shards
     from dpq_lightning.data import extract as ex
+    from dpq_lightning.distributed import local_index
 
     try:
         if args.merge:
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         rank, world = ex.detect_rank(args.rank, args.world_size)
         device = args.device
         if device == "cuda" and world > 1:
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', os.environ.get('SLURM_LOCALID', rank)))}"
+            device = f"cuda:{local_index(default=rank)}"
         vae_name = args.vae or ("custom" if args.vae_path else "ema")
         vae = ex.load_vae(args.vae or "ema", args.vae_path, device)
         target = ex.extract_latents(

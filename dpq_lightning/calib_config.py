@@ -18,14 +18,20 @@ class CalibConfig:
     assignment: str = "output_aware"  # output_aware | nearest | frozen | soft
     assign_every: int = 50  # steps between assignment adjustments (1 = every step)
     assign_damp: float = 0.01  # H + damp * mean(diag H) * I
+    assign_fraction: float = 1.0  # at most this fraction of each layer's codes change per adjustment
     soft_candidates: int = 4  # soft rule: nearest codewords mixed per sub-vector
     soft_threshold: float = 0.95  # soft rule: freeze a sub-vector once its top ratio exceeds this
+    soft_lr: float | None = None  # soft rule: learning rate of the ratios' logits (None: lr; VQ4DiT: 5e-2)
+    soft_hold: float = 0.0  # soft rule: codebooks/pool stay still until this fraction is frozen (VQ4DiT: 0.99)
+    soft_sharpen: float = 0.0  # soft rule: weight of mean r(1-r) over the ratios, in the second half of the steps
     train_floats: bool = False  # also train biases/norms (and excluded weights) kept in float
     lr: float = 1e-4
     weight_decay: float = 0.0
     warmup_steps: int = 0
     schedule: str = "constant"  # constant | cosine (to lr * min_lr_ratio at max_steps)
     min_lr_ratio: float = 0.1
+    t_sampling: str = "uniform"  # uniform | error: t drawn in proportion to the stage-1 block error
+    t_buckets: int = 10  # t_sampling=error: buckets of the 1000 steps, each measured once at step 0
     label_dropout: float = 0.1  # DiT's classifier-free-guidance label dropout (same mask for both)
 
     def __post_init__(self) -> None:
@@ -35,5 +41,12 @@ class CalibConfig:
             raise ValueError(f"calib.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
         if self.assign_every < 1:
             raise ValueError(f"calib.assign_every must be >= 1, got {self.assign_every}")
+        if not 0.0 < self.assign_fraction <= 1.0:
+            raise ValueError(f"calib.assign_fraction must be in (0, 1] (1 = every code may change), "
+                             f"got {self.assign_fraction}")
+        if not 0.0 <= self.soft_hold <= 1.0:
+            raise ValueError(f"calib.soft_hold must be in [0, 1] (a fraction of frozen sub-vectors), got {self.soft_hold}")
+        if self.t_sampling not in ("uniform", "error"):
+            raise ValueError(f"calib.t_sampling must be 'uniform' or 'error', got {self.t_sampling!r}")
         if not 0.0 <= self.label_dropout < 1.0:
             raise ValueError(f"calib.label_dropout must be in [0, 1), got {self.label_dropout}")

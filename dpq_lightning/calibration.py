@@ -26,8 +26,9 @@ from .calib_config import CalibConfig
 from .diffusion import Schedule, ddpm_loss
 from .models.hooks import BlockOutputRecorder
 from .quant import PQ_MODULES
-from .quant.assign import assign
+from .quant.assign import assign, code_cost, damped, limit_changes
 from .quant.geometry import to_groups
+from .quant.state import state_of
 from .quant.stats import InputMoments
 
 class NonFiniteLossError(RuntimeError):
@@ -54,12 +55,15 @@ class DPQCalibration(L.LightningModule):
         self._teacher_w = dict(teacher.named_parameters())
         if cfg.label_dropout > 0:
             student.null_class  # noqa: B018 - raises a clear error if the DiT has no null class
+        # t_sampling=error: how often each training step is drawn, [num_steps]; all zeros until
+        # measured at step 0, then saved in every checkpoint (a resumed run draws as this one did).
+        self.register_buffer("t_weights", torch.zeros(self.schedule.num_steps, dtype=torch.float64))
         self._set_trainable()
 
     # ---- what trains ---------------------------------------------------------------------
     def _set_trainable(self) -> None:
         pq_names = {f"{n}.weight_pq.{s}" for n in self._pq for s in ("codebooks", "pool", "soft_logits")}
-        float_names = set(getattr(self.student, "dpq_info", {}).get("float_names", []))
+        float_names = set(state_of(self.student).float_names)
         for name, p in self.student.named_parameters():
             p.requires_grad_(name in pq_names or (self.cfg.train_floats and name in float_names))
 
@@ -67,8 +71,12 @@ class DPQCalibration(L.LightningModule):
         return sorted(n for n, p in self.student.named_parameters() if p.requires_grad)
 
     def configure_optimizers(self):
-        params = [p for p in self.student.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        named = [(n, p) for n, p in self.student.named_parameters() if p.requires_grad]
+        logits = [p for n, p in named if n.endswith(".soft_logits")]
+        groups = [{"params": [p for n, p in named if not n.endswith(".soft_logits")]}]
+        if logits:  # the soft rule's ratios may move faster than the codewords (VQ4DiT: 5e-2 vs 1e-4)
+            groups.append({"params": logits, "lr": self.cfg.soft_lr or self.cfg.lr})
+        opt = torch.optim.AdamW(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -109,11 +117,42 @@ class DPQCalibration(L.LightningModule):
             self.seed * 1_000_003 + self.global_step * 7919 + self.global_rank
         )
         B = x0.shape[0]
-        t = torch.randint(0, self.schedule.num_steps, (B,), generator=g)
+        if self.cfg.t_sampling == "error":
+            if not bool(self.t_weights.any()):
+                self.t_weights.copy_(self.block_error_by_timestep(x0, y))
+            t = torch.multinomial(self.t_weights.cpu().float(), B, replacement=True, generator=g)
+        else:
+            t = torch.randint(0, self.schedule.num_steps, (B,), generator=g)
         noise = torch.randn(x0.shape, generator=g, dtype=torch.float32)
         drop = torch.rand(B, generator=g) < self.cfg.label_dropout
         y = torch.where(drop.to(y.device), torch.full_like(y, self.student.num_classes), y)
         return t.to(x0.device), noise.to(x0.device, x0.dtype), y
+
+    @torch.no_grad()
+    def block_error_by_timestep(self, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Sampling weights ``[num_steps]``: the relative block error of the student (mean over
+        blocks, on ``x0, y``) at the centre of each of ``t_buckets`` equal buckets of steps,
+        averaged over ranks, spread evenly over the bucket's steps and normalised to sum 1."""
+        T, nb = self.schedule.num_steps, self.cfg.t_buckets
+        edges = [round(i * T / nb) for i in range(nb + 1)]
+        g = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + 104_729)
+        noise = torch.randn(x0.shape, generator=g, dtype=torch.float32).to(x0.device, x0.dtype)
+        err = torch.zeros(nb, dtype=torch.float64, device=x0.device)
+        was = self.student.training
+        self.student.eval()  # no input moments from this measurement
+        try:
+            for i in range(nb):
+                t = torch.full((x0.shape[0],), (edges[i] + edges[i + 1]) // 2, device=x0.device, dtype=torch.long)
+                x_t = self.schedule.q_sample(x0, t, noise)
+                self.teacher(x_t, t, y)
+                self.student(x_t, t, y)
+                err[i] = torch.stack([(hs.float() - ht.float()).pow(2).sum() / ht.float().pow(2).sum().clamp_min(1e-12)
+                                      for hs, ht in zip(self._rec_s.outputs, self._rec_t.outputs)]).mean()
+        finally:
+            self.student.train(was)
+        err = self._reduce_sum(err) / (self.trainer.world_size if self._trainer is not None else 1)
+        w = torch.cat([err[i].repeat(edges[i + 1] - edges[i]) for i in range(nb)])  # (T,)
+        return (w / w.sum()).to(self.t_weights.device)
 
     def compute_losses(self, x0: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         t, noise, y = self._draw(x0, y)
@@ -134,7 +173,24 @@ class DPQCalibration(L.LightningModule):
         out = (out_s.float() - out_t.float()).pow(2).mean()
         c = self.cfg
         loss = c.w_rec * rec + c.w_ddpm * (mse + c.w_vb * vb) + c.w_out * out
-        return {"loss": loss, "loss_rec": rec, "loss_ddpm": mse, "loss_vb": vb, "loss_out": out}
+        losses = {"loss": loss, "loss_rec": rec, "loss_ddpm": mse, "loss_vb": vb, "loss_out": out}
+        if c.assignment == "soft" and c.soft_sharpen > 0 and self.max_steps and self.global_step >= self.max_steps // 2:
+            # VQ4DiT's sharpening, added once the ratios had half the run to settle: r(1-r) is 0
+            # only at one-hot ratios, so it pushes every mixture toward the codeword it favours.
+            sharp = torch.stack([self._soft_spread(m.weight_pq) for m in self._pq.values()
+                                 if m.weight_pq.soft_logits is not None]).mean()
+            losses["loss"] = loss + c.soft_sharpen * sharp
+            losses["loss_sharpen"] = sharp
+        return losses
+
+    @staticmethod
+    def _soft_spread(w) -> torch.Tensor:
+        r = torch.softmax(w.soft_logits, dim=-1)  # (G, N, n)
+        return (r * (1 - r)).sum(-1).mean()
+
+    def soft_frozen_fraction(self) -> float:
+        frozen = sum(int(m.weight_pq.soft_frozen.sum()) for m in self._pq.values() if m.weight_pq.soft_logits is not None)
+        return frozen / max(1, sum(m.weight_pq.codes.numel() for m in self._pq.values()))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         losses = self.compute_losses(batch["x"], batch["y"])
@@ -157,6 +213,14 @@ class DPQCalibration(L.LightningModule):
         # Every step, before checkpoint callbacks run: the moments in any checkpoint are then the
         # exact global totals (DDP: summed over ranks), so a resumed run reproduces them.
         self.moments.flush(self._reduce_sum)
+        if self.cfg.assignment == "soft" and self.cfg.soft_hold > 0 and self.soft_frozen_fraction() < self.cfg.soft_hold:
+            # VQ4DiT: the codebooks wait until the choices have settled (a zero gradient leaves
+            # Adam's moments and the codewords exactly where they are). The frozen fraction is
+            # read from the soft_frozen buffers, so a resumed run holds exactly when this one did.
+            for m in self._pq.values():
+                for p in (m.weight_pq.codebooks, m.weight_pq.pool):
+                    if p is not None and p.grad is not None:
+                        p.grad.zero_()
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         # Adjusting at the start of step k+1 (not the end of step k) puts the adjustment after any
@@ -188,7 +252,12 @@ class DPQCalibration(L.LightningModule):
             if self.cfg.assignment == "output_aware" and name in self.moments.names:
                 H = self.moments.second_moment(name)  # identical on every rank (see flush)
             X = to_groups(self._teacher_w[f"{name}.weight"].detach().to(w.codes.device).float(), w.geo)
-            new = assign(self.cfg.assignment, X, w.effective_codebooks().detach(), w.geo, H, self.cfg.assign_damp)
+            C = w.effective_codebooks().detach()  # (G, K, d)
+            new = assign(self.cfg.assignment, X, C, w.geo, H, self.cfg.assign_damp)
+            if self.cfg.assign_fraction < 1.0:  # limited: only the codes that gain most move
+                Hd = None if H is None else damped(H, self.cfg.assign_damp)
+                gain = code_cost(X, C, w.codes, w.geo, Hd) - code_cost(X, C, new, w.geo, Hd)
+                new = limit_changes(w.codes, new, gain, self.cfg.assign_fraction)
             changed += int((new != w.codes.long()).sum())
             total += new.numel()
             w.codes.copy_(new.to(w.codes.dtype))

@@ -4,7 +4,7 @@
     dpq verify FILE                      check a packed file: metadata schema, tensors, payload checksum
     dpq plan --config FILE [k=v ...]     the size report a config would give (no k-means);
                                          --json: one JSON object with summary.json's size keys
-    dpq quantize --config FILE [k=v ...] stage 1 only: write OUTPUT_DIR/model.dpq
+    dpq quantize --config FILE [k=v ...] stage 1 only (the job train.py runs first): OUTPUT_DIR/stage1.dpq
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 
 def _plan(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .stage1 import predict_size
+    from .jobs.stage1 import predict_size
 
     cfg = load_config(args.config, args.overrides)
     report = predict_size(cfg)  # shapes only: no weights are allocated or loaded
@@ -46,7 +46,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _quantize(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .stage1 import run_stage1
+    from .jobs.stage1 import run_stage1
 
     cfg = load_config(args.config, args.overrides)
     _, report, path = run_stage1(cfg)

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .calib_config import CalibConfig
-from .eval_config import EvalConfig
+from .evaluation.config import EvalConfig
 from .quant.config import QuantConfig, QuantConfigError
 
 
@@ -129,8 +129,26 @@ def _explain(err: OmegaConfBaseException, where: str) -> ConfigError:
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Schema <- YAML (with its ``base`` chain) <- ``key=value`` overrides -> :class:`RunConfig`."""
-    schema = OmegaConf.structured(RunConfig)
-    merged = schema
+    cfg = _load(RunConfig, path, overrides)
+    from .validate import ConfigValueError, check_values
+
+    try:
+        check_values(cfg)
+    except ConfigValueError as err:
+        raise ConfigError(f"config {path}: {err}") from err
+    return cfg
+
+
+def load_eval_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None):
+    """The same for ``scripts/evaluate.py``: -> :class:`~dpq_lightning.evaluation.config.OfflineEvalConfig`."""
+    from .evaluation.config import OfflineEvalConfig
+
+    return _load(OfflineEvalConfig, path, overrides)
+
+
+def _load(schema_cls, path, overrides):
+    """``schema_cls`` <- YAML <- overrides; unknown keys and bad values raise :class:`ConfigError`."""
+    merged = OmegaConf.structured(schema_cls)
     if path is not None:
         try:
             merged = OmegaConf.merge(merged, _read_yaml(Path(path)))
@@ -150,12 +168,6 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         raise _explain(err, f"config {path}") from err
     except (QuantConfigError, ValueError) as err:  # __post_init__ validation of a section
         raise ConfigError(f"config {path}: {err}") from err
-    from .validate import ConfigValueError, check_values
-
-    try:
-        check_values(cfg)
-    except ConfigValueError as err:
-        raise ConfigError(f"config {path}: {err}") from err
     return cfg
 
 
@@ -166,9 +178,6 @@ def to_yaml(cfg: RunConfig) -> str:
 
 def save_resolved(cfg: RunConfig, path: str | os.PathLike) -> Path:
     """Write the resolved config atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(to_yaml(cfg))
-    os.replace(tmp, path)
-    return path
+    from .atomic import write_text_atomic
+
+    return write_text_atomic(to_yaml(cfg), path)

@@ -21,7 +21,9 @@ from .quant.bitpack import bits_for, pack, unpack
 from .quant.geometry import Geometry
 from .quant.layers import PQ_MODULES, PQWeight, empty_wrapper
 from .quant.layout import FORMAT, NO_CHECKSUM, metadata_for, tensor_specs
+from .quant.config import QuantConfig
 from .quant.quantize import model_meta, report_of, structure_of
+from .quant.state import QuantState, set_state, state_of
 
 
 class PackedFileError(ValueError):
@@ -31,7 +33,7 @@ class PackedFileError(ValueError):
 def packed_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors and metadata that :func:`save_packed` writes."""
     structure = structure_of(model)
-    info = model.dpq_info
+    state = state_of(model)
     tensors: dict[str, torch.Tensor] = {}
     modules = dict(model.named_modules())
     for m, e in structure["pq"].items():
@@ -45,7 +47,7 @@ def packed_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
     params = dict(model.named_parameters())
     for name in structure["float"]:
         tensors[name] = params[name].detach().half().cpu().contiguous()
-    meta = metadata_for(structure, model_meta(model), info["quant"], info["left_float"], payload_sha256(tensors))
+    meta = metadata_for(structure, model_meta(model), state.quant.to_dict(), state.left_float, payload_sha256(tensors))
     return tensors, meta
 
 
@@ -192,11 +194,7 @@ def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu", ver
             if name not in params:
                 raise PackedFileError(f"{path}: float tensor {name!r} has no parameter in the rebuilt model")
             params[name].copy_(data[name].to(params[name].dtype))
-    model.dpq_info = {
-        "quant": doc["quant"],
-        "left_float": doc["left_float"],
-        "float_names": list(structure["float"]),
-    }
+    set_state(model, QuantState(QuantConfig.from_dict(doc["quant"]), doc["left_float"], list(structure["float"])))
     assert sum(isinstance(x, PQ_MODULES) for x in model.modules()) == len(structure["pq"])
     return model.to(device)
 

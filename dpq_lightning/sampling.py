@@ -8,6 +8,8 @@ called with the original step index. DiT evaluates with 250 DDPM steps and guida
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -88,3 +90,30 @@ def sample(
         else:
             raise ValueError(f"unknown sampling method {method!r}; expected 'ddpm' or 'ddim'")
     return x
+
+
+def model_shape(model: nn.Module) -> tuple[int, int, int]:
+    """The ``(C, H, W)`` a DiT samples (its latent or pixel space)."""
+    c = model.config
+    return (c.in_channels, c.input_size, c.input_size)
+
+
+@torch.no_grad()
+def sample_batches(model: nn.Module, labels: torch.Tensor, x_T: torch.Tensor, protocol,
+                   batch_size: int, generator_for: Callable[[int], torch.Generator | None],
+                   postprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """:func:`sample` over ``labels [N]`` from ``x_T [N, C, H, W]`` in chunks of ``batch_size``,
+    with ``protocol``'s steps, guidance, sampler and clipping (a
+    :class:`~dpq_lightning.evaluation.protocol.SamplingProtocol`); ``generator_for(start)`` gives the
+    generator of the chunk starting at ``start`` (DDPM's per-step noise)."""
+    n, shape = labels.shape[0], tuple(x_T.shape[1:])
+    outs = []
+    for s in range(0, n, batch_size):
+        x = sample(model, labels[s:s + batch_size], shape, steps=protocol.steps, cfg_scale=protocol.cfg_scale,
+                   method=protocol.method, generator=generator_for(s), noise=x_T[s:s + batch_size],
+                   clip_denoised=protocol.clip_denoised)
+        outs.append((postprocess(x) if postprocess else x).cpu())  # N images need not fit on the device
+        if progress is not None:
+            progress(min(s + batch_size, n), n)
+    return torch.cat(outs) if outs else torch.empty((0, *shape))

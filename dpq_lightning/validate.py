@@ -71,6 +71,10 @@ def check_values(cfg) -> None:
     _number("calib.min_lr_ratio", c.min_lr_ratio, 0.0, 1.0)
     _int_at_least("calib.soft_candidates", c.soft_candidates, 2)
     _number("calib.soft_threshold", c.soft_threshold, 0.0, 1.0, low_open=True)
+    _number("calib.soft_sharpen", c.soft_sharpen, 0.0)
+    _int_at_least("calib.t_buckets", c.t_buckets, 1)
+    if c.soft_lr is not None:
+        _number("calib.soft_lr", c.soft_lr, 0.0, low_open=True)
 
 
 def check_paths(cfg) -> None:

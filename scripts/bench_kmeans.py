@@ -10,7 +10,7 @@ ratio to faiss (> 1: slower than faiss) and the final mean squared quantization 
 at comparable quality. Methods:
 
 * ``torch/random``, ``torch/kmeans++`` - ``kmeans(..., init=...)`` in pure torch
-  (``kmeans.FAISS_ASSIGN = False``);
+  (``use_faiss=False``);
 * ``torch+faiss-nn/random``, ``torch+faiss-nn/kmeans++`` - the same Lloyd loop with the
   nearest-centroid step done by faiss' exhaustive search (the library default on CPU when faiss
   is installed);
@@ -60,11 +60,7 @@ def load_baseline(rev: str):
 
 def mse(X: torch.Tensor, C: torch.Tensor) -> float:
     """Mean squared error per weight of ``X`` quantized to its nearest centroid in ``C`` (pure torch)."""
-    old, km.FAISS_ASSIGN = km.FAISS_ASSIGN, False
-    try:
-        _, dist2 = km.nearest(X, C)
-    finally:
-        km.FAISS_ASSIGN = old
+    _, dist2 = km.nearest(X, C, use_faiss=False)
     return dist2.mean().item() / X.shape[-1]
 
 
@@ -75,12 +71,16 @@ def run(method: str, X: torch.Tensor, K: int, iters: int, seed: int, base) -> to
     if method == "faiss":
         return mod.kmeans_faiss(X, K, iters=iters, seed=seed)[0]
     impl, init = method.split("/")
-    old = km.FAISS_ASSIGN
-    km.FAISS_ASSIGN = impl == "torch+faiss-nn"
-    try:
-        return mod.kmeans(X, K, iters=iters, seed=seed, init=init)[0]
-    finally:
-        km.FAISS_ASSIGN = old
+    use_faiss = impl == "torch+faiss-nn"
+    if mod is km:
+        return km.kmeans(X, K, iters=iters, seed=seed, init=init, use_faiss=use_faiss)[0]
+    if hasattr(mod, "FAISS_ASSIGN"):  # an older revision: its switch was a module global
+        old, mod.FAISS_ASSIGN = mod.FAISS_ASSIGN, use_faiss
+        try:
+            return mod.kmeans(X, K, iters=iters, seed=seed, init=init)[0]
+        finally:
+            mod.FAISS_ASSIGN = old
+    return mod.kmeans(X, K, iters=iters, seed=seed, init=init, use_faiss=use_faiss)[0]
 
 
 def main() -> None:

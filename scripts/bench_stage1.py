@@ -22,6 +22,7 @@ re-drawn with ``xavier_uniform_`` (embedding tables keep their N(0, 0.02) init);
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -101,7 +102,7 @@ def build(cfg, weights: str):
 def run_one(args) -> dict:
     import torch
 
-    import dpq_lightning.quant.quantize as qmod
+    from dpq_lightning.quant.quantize import Stage1Ops, has_faiss, run_kmeans
     from dpq_lightning.config import load_config
     from dpq_lightning.packed import load_packed, save_packed
     from dpq_lightning.quant import PQ_MODULES, quantize_
@@ -116,37 +117,22 @@ def run_one(args) -> dict:
     if n_params != FP32_PARAMS:
         print(f"note: {n_params:,} learnable parameters (expected {FP32_PARAMS:,} for DiT-XL/2)", flush=True)
 
+    ops = Stage1Ops()
     if args.baseline:  # the k-means and pool code of another revision, for before/after numbers
         base_km, base_pool = load_baseline(args.baseline)
-        qmod.kmeans, qmod.kmeans_faiss, qmod.nearest = base_km.kmeans, base_km.kmeans_faiss, base_km.nearest
-        qmod.build_pool = base_pool.build_pool
-
-    # Time the two expensive calls quantize_ makes, by wrapping them where quantize_ looks them up.
-    timers = {"kmeans": 0.0, "pool": 0.0}
-    run_kmeans, build_pool = qmod._run_kmeans, qmod.build_pool
-
-    def timed(key, fn):
-        def wrapper(*a, **kw):
-            t = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                timers[key] += time.perf_counter() - t
-        return wrapper
-
-    qmod._run_kmeans, qmod.build_pool = timed("kmeans", run_kmeans), timed("pool", build_pool)
+        ops = Stage1Ops(kmeans=functools.partial(run_kmeans, impl=base_km), build_pool=base_pool.build_pool,
+                        nearest=base_km.nearest)
+    # quantize_'s seam: the k-means, pool and assignment calls, each timed
+    ops, timers = ops.timed()
     load0, cpu0, busy0 = os.getloadavg()[0], cpu_seconds(), machine_busy_seconds()
     t0 = time.perf_counter()
 
     def progress(name: str, i: int, n: int) -> None:
         if i % args.print_every == 0 or i == n - 1:
             print(f"  [{i + 1:3d}/{n}] {time.perf_counter() - t0:7.1f}s  k-means {timers['kmeans']:6.1f}s  "
-                  f"pool {timers['pool']:6.1f}s  {name}", flush=True)
+                  f"pool {timers['build_pool']:6.1f}s  {name}", flush=True)
 
-    try:
-        report = quantize_(model, cfg.quant, progress=progress)
-    finally:
-        qmod._run_kmeans, qmod.build_pool = run_kmeans, build_pool
+    report = quantize_(model, cfg.quant, progress=progress, ops=ops)
     wall = time.perf_counter() - t0
     cpu = cpu_seconds() - cpu0
     others = machine_busy_seconds() - busy0 - cpu  # CPU time other processes took meanwhile
@@ -189,11 +175,11 @@ def run_one(args) -> dict:
     bits = round(report.nominal_bits)
     return {
         "bits": bits, "config": args.config, "name": cfg.name, "backend": args.backend,
-        "resolved_backend": ("faiss" if qmod._has_faiss() else "torch") if args.backend == "auto" else args.backend,
+        "resolved_backend": ("faiss" if has_faiss() else "torch") if args.backend == "auto" else args.backend,
         "kmeans_init": cfg.quant.kmeans_init, "baseline": args.baseline, "overrides": args.override,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "weights": args.weights, "threads": torch.get_num_threads(),
-        "build_s": t_build, "wall_s": wall, "kmeans_s": timers["kmeans"], "pool_s": timers["pool"],
-        "other_s": wall - timers["kmeans"] - timers["pool"], "cpu_s": cpu,
+        "build_s": t_build, "wall_s": wall, "kmeans_s": timers["kmeans"], "pool_s": timers["build_pool"],
+        "other_s": wall - timers["kmeans"] - timers["build_pool"], "cpu_s": cpu,
         "others_cores": others / wall,
         "loadavg_start": load0, "loadavg_end": load1, "save_s": t_save, "load_s": t_load,
         "peak_rss_quant_gib": rss_quant, "peak_rss_after_load_gib": rss_load,

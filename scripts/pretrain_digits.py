@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
 
-from dpq_lightning.digits import load_digits_tensors
+from dpq_lightning.atomic import save_torch_atomic, write_json_atomic
+from dpq_lightning.data.digits import load_digits_tensors
 from dpq_lightning.models import build_dit
 from dpq_lightning.pretrain import train_teacher
 
@@ -50,13 +50,11 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.half() if k != "pos_embed" else v for k, v in ema.state_dict().items()}
-    tmp = out.with_name(f".{out.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, out)
+    save_torch_atomic(state, out)
     info = {"arch": {"name": "DiT-S/2", **ARCH}, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
             "ema": args.ema, "seed": args.seed, "label_init_std": args.label_init_std, "final_loss_mean_100": sum(losses[-100:]) / min(100, len(losses)),
             "seconds": round(time.time() - t0, 1)}
-    out.with_suffix(".json").write_text(json.dumps(info, indent=2))
+    write_json_atomic(info, out.with_suffix(".json"), indent=2)
     print(json.dumps(info))
 
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
 
+from dpq_lightning.atomic import save_torch_atomic, write_json_atomic
 from dpq_lightning.metrics import train_classifier
 
 
@@ -40,13 +40,8 @@ def main() -> None:
     info["seconds"] = round(time.time() - t0, 1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, tmp)
-    os.replace(tmp, out)
-    js = out.with_suffix(".json")
-    tmp = js.with_name(f".{js.name}.tmp")
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(tmp, js)
+    save_torch_atomic({k: v.detach().clone() for k, v in model.state_dict().items()}, out)
+    write_json_atomic(info, out.with_suffix(".json"), indent=2, newline=True)
     print(json.dumps(info))
 
 

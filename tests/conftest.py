@@ -30,7 +30,7 @@ def trained_small_dit():
     """A stand-in for trained weights: the small DiT after 300 steps on the real digits set
     (loss falls from ~1.0 to ~0.15), so its weights carry learned structure, not only init.
     Built once per session (~10 s on 2 cores)."""
-    from dpq_lightning.digits import load_digits_tensors
+    from dpq_lightning.data.digits import load_digits_tensors
     from dpq_lightning.models import build_dit
     from dpq_lightning.pretrain import train_teacher
 

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -17,8 +18,9 @@ from dpq_lightning.calib_config import CalibConfig
 from dpq_lightning.calibration import DPQCalibration
 from dpq_lightning.config import load_config
 from dpq_lightning.data import DigitsDataModule
-from dpq_lightning.digits import load_digits_tensors
+from dpq_lightning.data.digits import load_digits_tensors
 from dpq_lightning.quant import QuantConfig, quantize_
+from dpq_lightning.quant.state import state_of
 
 ROOT = Path(__file__).parents[1]
 
@@ -44,7 +46,7 @@ def test_trainable_set_is_exactly_the_codebooks(trained_small_dit):
     names = m.trainable_names()
     assert len(names) == 16 and all(n.endswith(".weight_pq.codebooks") for n in names)
     with_floats = DPQCalibration(student, teacher, CalibConfig(train_floats=True)).trainable_names()
-    floats = set(student.dpq_info["float_names"])
+    floats = set(state_of(student).float_names)
     assert set(with_floats) == set(names) | floats and len(floats) > 0
     opt = DPQCalibration(student, teacher, CalibConfig()).configure_optimizers()["optimizer"]
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(
@@ -97,8 +99,20 @@ def test_assignment_rules_change_codes(trained_small_dit):
     m.train()
     m.compute_losses(x[:256], y[:256])  # collects input moments
     m.moments.flush()
+    before = {n: mod.weight_pq.codes.clone() for n, mod in m._pq.items()}
     changed, _ = m.adjust_assignments()
     assert changed > 0  # input-weighted error prefers other codewords for some sub-vectors
+    full = {n: (mod.weight_pq.codes != before[n]).sum().item() for n, mod in m._pq.items()}
+    # limited: the same adjustment from the same start changes at most 1% of each layer's codes,
+    # and only codes the full rule changed too
+    for n, mod in m._pq.items():
+        mod.weight_pq.codes.copy_(before[n])
+    m.cfg.assign_fraction = 0.01
+    changed_lim, _ = m.adjust_assignments()
+    assert 0 < changed_lim < changed
+    for n, mod in m._pq.items():
+        moved = (mod.weight_pq.codes != before[n]).sum().item()
+        assert moved <= round(0.01 * before[n].numel()) and moved <= full[n], n
 
 
 def _run_cfg(tmp_path, teacher_path, name, *extra):
@@ -155,7 +169,7 @@ def test_resume_gives_the_same_final_state(teacher_file, tmp_path):
     """Stop after 6 of 12 steps, resume from the step-6 checkpoint: the resumed fit starts at step
     6 and executes 6 steps, and ends with the same codes and codebooks as an uninterrupted run,
     bit for bit (assignment adjustments at steps 3, 6, 9; cosine LR)."""
-    from dpq_lightning.run import run
+    from dpq_lightning.jobs.run import run
 
     args = ["trainer.max_steps=12", "calib.assign_every=3", "trainer.ckpt_every_n_steps=6"]
     run(load_config("configs/quickstart.yaml", _run_cfg(tmp_path, teacher_file, "full", *args)))
@@ -178,7 +192,7 @@ def test_resume_gives_the_same_final_state(teacher_file, tmp_path):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(teacher_file, tmp_path):
     from dpq_lightning.calibration import NonFiniteLossError
-    from dpq_lightning.run import run
+    from dpq_lightning.jobs.run import run
 
     cfg = load_config("configs/quickstart.yaml", _run_cfg(tmp_path, teacher_file, "nan", "trainer.max_steps=8",
                                                           "trainer.ckpt_every_n_steps=4"))
@@ -210,7 +224,7 @@ def test_ddp_two_cpu_ranks_hold_identical_state(teacher_file, tmp_path):
 
 
 def test_missing_teacher_weights_say_what_to_download(tmp_path):
-    from dpq_lightning.run import run
+    from dpq_lightning.jobs.run import run
 
     cfg = load_config("configs/dpq_1bit.yaml", [f"output_dir={tmp_path}", f"model.checkpoint={tmp_path}/DiT-XL-2-256x256.pt"])
     with pytest.raises(FileNotFoundError, match=r"DiT-XL-2-256x256\.pt.*model\.checkpoint"):
@@ -219,7 +233,7 @@ def test_missing_teacher_weights_say_what_to_download(tmp_path):
 
 def test_missing_data_dir_is_named(teacher_file, tmp_path):
     from dpq_lightning.data import DataError
-    from dpq_lightning.run import run
+    from dpq_lightning.jobs.run import run
 
     cfg = load_config("configs/quickstart.yaml", _run_cfg(tmp_path, teacher_file, "nodata", "data.kind=latents",
                                                           f"data.path={tmp_path / 'absent'}"))
@@ -232,7 +246,7 @@ def test_bf16_mixed_calibration_on_cpu(teacher_file, tmp_path):
     the export works, and the packed file holds exactly the fp32 master codebooks and floats of the
     last checkpoint, rounded to their fp16 storage, with the same codes."""
     from dpq_lightning.packed import load_packed
-    from dpq_lightning.run import run
+    from dpq_lightning.jobs.run import run
 
     cfg = load_config("configs/quickstart.yaml", _run_cfg(tmp_path, teacher_file, "bf16", "trainer.max_steps=6",
                                                           "trainer.ckpt_every_n_steps=6", "trainer.precision=bf16-mixed",
@@ -262,7 +276,7 @@ import torch
 torch.set_num_threads(1)
 import lightning as L
 from dpq_lightning.config import load_config
-from dpq_lightning.run import run
+from dpq_lightning.jobs.run import run
 import dpq_lightning.checkpoint_io as cio
 
 config, kill_at, record, *overrides = sys.argv[1:]
@@ -293,7 +307,7 @@ def test_kill_during_a_checkpoint_write_then_resume_finishes_identically(teacher
     """SIGKILL while last.ckpt of step 12 is being written (the 4th checkpoint write: step 6, last,
     step 12, last): trainer.resume=auto then starts from the newest complete checkpoint (step 12),
     and the run ends in the same state as one never interrupted."""
-    from dpq_lightning.run import run
+    from dpq_lightning.jobs.run import run
 
     script = tmp_path / "kill.py"
     script.write_text(_KILL_SCRIPT)
@@ -321,3 +335,73 @@ def test_kill_during_a_checkpoint_write_then_resume_finishes_identically(teacher
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("hold", [0.0, 0.99])
+def test_soft_hold_keeps_the_codebooks_still_until_the_choices_settle(trained_small_dit, tmp_path, hold):
+    """VQ4DiT's procedure: with soft_hold the codewords do not move while fewer than 99% of the
+    sub-vectors are locked (8 steps are far too few to lock them), the ratios do (own lr);
+    without it both move. The sharpening term joins the loss in the second half only."""
+    teacher = copy.deepcopy(trained_small_dit)
+    cfg = CalibConfig(lr=1e-3, assignment="soft", soft_candidates=3, soft_threshold=0.99, soft_lr=5e-2,
+                      soft_hold=hold, soft_sharpen=0.05, assign_every=4)
+    m = DPQCalibration(student_of(teacher), teacher, cfg, max_steps=8)
+    m.setup("fit")
+    books = {n: mod.weight_pq.effective_codebooks().detach().clone() for n, mod in m._pq.items()}
+    logits = {n: mod.weight_pq.soft_logits.detach().clone() for n, mod in m._pq.items()}
+    opt = m.configure_optimizers()["optimizer"]
+    assert [g["lr"] for g in opt.param_groups] == [1e-3, 5e-2]  # codebooks/pool, then the ratios
+    x, y = load_digits_tensors()
+    seen = []
+    for step in range(8):
+        m._trainer = SimpleNamespace(global_step=step, global_rank=0, world_size=1)  # what compute_losses reads
+        losses = m.compute_losses(x[:64], y[:64])
+        seen.append("loss_sharpen" in losses)
+        opt.zero_grad()
+        losses["loss"].backward()
+        m.on_after_backward()
+        opt.step()
+    m._trainer = None
+    assert seen == [False] * 4 + [True] * 4
+    assert m.soft_frozen_fraction() < 0.99
+    moved_books = max(float((mod.weight_pq.effective_codebooks() - books[n]).abs().max()) for n, mod in m._pq.items())
+    moved_logits = max(float((mod.weight_pq.soft_logits - logits[n]).abs().max()) for n, mod in m._pq.items())
+    assert moved_logits > 0.05
+    if hold:
+        assert moved_books == 0.0
+    else:
+        assert moved_books > 1e-4
+
+
+def test_error_weighted_timesteps_follow_the_measured_block_error(trained_small_dit):
+    teacher = copy.deepcopy(trained_small_dit)
+    m = DPQCalibration(student_of(teacher), teacher, CalibConfig(assignment="frozen", t_sampling="error", t_buckets=10))
+    x, y = load_digits_tensors()
+    assert not m.t_weights.any()  # measured at the first draw, not before
+    t, _, _ = m._draw(x[:64], y[:64])
+    w = m.t_weights
+    assert w.shape == (1000,) and abs(float(w.sum()) - 1) < 1e-9 and bool((w > 0).all())
+    buckets = w.reshape(10, 100)
+    assert torch.equal(buckets, buckets[:, :1].expand(10, 100))  # one value per bucket of 100 steps
+    assert float(buckets[:, 0].max() / buckets[:, 0].min()) > 1.1  # the error is not flat in t (1.26 here)
+    # the weights are the measured errors: bucket 7's over bucket 1's, recomputed by hand
+    noise = torch.randn(x[:64].shape, generator=torch.Generator().manual_seed(0 * 1_000_003 + 104_729))
+
+    def err(t_val):
+        t_b = torch.full((64,), t_val, dtype=torch.long)
+        x_t = m.schedule.q_sample(x[:64], t_b, noise)
+        with torch.no_grad():
+            m.teacher(x_t, t_b, y[:64])
+            m.student.eval()(x_t, t_b, y[:64])
+        m.student.train()
+        return torch.stack([(hs - ht).pow(2).sum() / ht.pow(2).sum()
+                            for hs, ht in zip(m._rec_s.outputs, m._rec_t.outputs)]).mean()
+    assert float(w[750] / w[150]) == pytest.approx(float(err(750) / err(150)), rel=1e-5)
+    # the draws follow the weights; a weight saved in a checkpoint is kept, not re-measured
+    m.t_weights.zero_()
+    m.t_weights[300:400] = 0.01
+    m.training_draws = [m._draw(x[:64], y[:64])[0] for _ in range(3)]
+    assert all(bool(((d >= 300) & (d < 400)).all()) for d in m.training_draws)
+    assert float(m.t_weights[:300].sum()) == 0.0
+    with pytest.raises(ValueError, match="calib.t_sampling must be 'uniform' or 'error'"):
+        CalibConfig(t_sampling="loss")

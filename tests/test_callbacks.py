@@ -1,6 +1,6 @@
 """Evaluation callbacks in real (tiny) Lightning fits on CPU: the small trained DiT as teacher, its
 1-bit quantized copy as student. One fit with a CSV logger and the callbacks built by hand; one
-through ``dpq_lightning.run.run`` (the config's ``eval`` section) with real W&B in offline mode;
+through ``dpq_lightning.jobs.run.run`` (the config's ``eval`` section) with real W&B in offline mode;
 one 2-rank DDP run (gloo) of the sharded proxy metrics."""
 
 import copy
@@ -22,10 +22,10 @@ from dpq_lightning.callbacks import (BlockErrorTrajectoryCallback, CompressionRe
                                      SampleGridCallback, build_callbacks)
 from dpq_lightning.calibration import DPQCalibration
 from dpq_lightning.data import DigitsDataModule, balanced_labels
-from dpq_lightning.eval_config import EvalConfig
+from dpq_lightning.evaluation.config import EvalConfig
 from dpq_lightning.models.hooks import BlockOutputRecorder
 from dpq_lightning.quant import QuantConfig, quantize_
-from dpq_lightning.trajectory import block_error_trajectory
+from dpq_lightning.evaluation.trajectory import block_error_trajectory
 
 ROOT = Path(__file__).parents[1]
 DEPTH = SMALL_ARCH["depth"]
@@ -177,7 +177,7 @@ def test_run_with_wandb_offline(teacher_ckpt, tmp_path):
     import wandb
 
     from dpq_lightning.config import load_config
-    from dpq_lightning.run import run
+    from dpq_lightning.jobs.run import run
 
     out = tmp_path / "wb"
     overrides = [
@@ -195,7 +195,7 @@ def test_run_with_wandb_offline(teacher_ckpt, tmp_path):
     finally:
         wandb.finish()  # Lightning leaves the run open; finishing flushes its files
     assert math.isfinite(summary["final_metrics"]["val/fid_proxy"])  # also in trainer.callback_metrics
-    # the run's final evaluation (final_eval.py, what the grid reports) measures the teacher exactly
+    # the run's final evaluation (evaluation/final.py, what the grid reports) measures the teacher exactly
     # as the callback did at train start: same labels, noise seed and sampling loop
     ev = summary["eval"]
     assert ev["teacher"]["fid_proxy"] == summary["final_metrics"]["val/teacher_fid_proxy"]
@@ -290,7 +290,7 @@ import lightning as L
 import torch
 torch.set_num_threads(1)
 from dpq_lightning.config import load_config
-from dpq_lightning.run import run
+from dpq_lightning.jobs.run import run
 
 class Dump(L.Callback):  # after the evaluation callbacks: what each rank ends with
     def on_train_end(self, trainer, pl_module):

@@ -52,6 +52,27 @@ def test_train_stage1_only(tmp_path):
     assert not (out / "checkpoints").exists()  # no Trainer ran
 
 
+def test_dpq_quantize_is_train_pys_stage1_job(tmp_path, capsys, monkeypatch):
+    """``dpq quantize`` runs the one stage-1 job: the same files, key and bytes as train.py's
+    first step, and a second call reuses the file instead of running k-means again."""
+    from dpq_lightning.config import load_config
+    from dpq_lightning.jobs.stage1 import stage1_key
+
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "q"
+    args = ["quantize", "--config", "configs/quickstart.yaml", f"output_dir={out}", "quant.kmeans_iters=2", "--totals"]
+    assert dpq_main(args) == 0
+    text = capsys.readouterr().out
+    assert f"wrote {out / 'stage1.dpq'}" in text and "ratio vs FP32" in text
+    cfg = load_config("configs/quickstart.yaml", [f"output_dir={out}", "quant.kmeans_iters=2"])
+    assert (out / "stage1.key").read_text() == stage1_key(cfg)
+    assert {p.name for p in out.iterdir()} >= {"stage1.dpq", "stage1.key", "report_stage1.json", "report.txt", "config.yaml"}
+    first = (out / "stage1.dpq").read_bytes()
+    mtime = (out / "stage1.dpq").stat().st_mtime_ns
+    assert dpq_main(args) == 0 and "stage 1 written" not in capsys.readouterr().out  # loaded, not recomputed
+    assert (out / "stage1.dpq").stat().st_mtime_ns == mtime and (out / "stage1.dpq").read_bytes() == first
+
+
 def test_train_reports_bad_config_key(tmp_path):
     proc = subprocess.run(
         [sys.executable, "train.py", "--config", "configs/quickstart.yaml", "quant.bogus=1"],

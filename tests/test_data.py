@@ -27,7 +27,7 @@ from dpq_lightning.data import (
     write_teacher_samples,
 )
 from dpq_lightning.diffusion import VAE_SCALE
-from dpq_lightning.digits import load_digits_tensors
+from dpq_lightning.data.digits import load_digits_tensors
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -506,12 +506,14 @@ def test_extract_errors_and_rank_detection(image_folder, tmp_path, capsys, monke
     with pytest.raises(DataError, match=r"missing \[0, 2\]"):
         merge_parts(tmp_path / "m")
 
-    for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+    for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS"):
         monkeypatch.delenv(var, raising=False)
     assert detect_rank() == (0, 1)
     monkeypatch.setenv("SLURM_PROCID", "1")
     monkeypatch.setenv("SLURM_NTASKS", "4")
-    assert detect_rank() == (1, 4)
+    assert detect_rank() == (0, 1)  # a batch script is one process, whatever the allocation's task count
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
+    assert detect_rank() == (1, 4)  # an srun step's task
     monkeypatch.setenv("RANK", "2")
     monkeypatch.setenv("WORLD_SIZE", "3")
     assert detect_rank() == (2, 3) and detect_rank(0, 2) == (0, 2)

@@ -86,6 +86,11 @@ def test_grid_runs_through_train_py_and_resumes(tmp_path, monkeypatch):
     s = {n: r["summary"]["size"]["effective_bits"] for n, r in recs.items()}
     assert s["dpq_1bit"] == s["dpq_1bit_stage1"] and s["pq_1bit_stage1"] > 1.9 * s["dpq_1bit_stage1"]
     assert abs(s["vq_1bit"] / s["dpq_1bit"] - 1) <= 0.05
+    # a calibrated cell starts from its stage-1 cell's file instead of running k-means again
+    for n in ("vq_1bit", "dpq_1bit"):
+        cell_dir = runs / "seed5" / n
+        assert (cell_dir / "stage1.dpq").read_bytes() == (runs / "seed5" / f"{n}_stage1" / "stage1.dpq").read_bytes()
+        assert json.loads((cell_dir / "fingerprints" / "rank0.json").read_text())["kmeans_ran"] is False
     traj = recs["dpq_1bit_stage1"]["summary"]["eval"]["trajectory"]["student"]
     assert len(traj) == 3 and len(traj[0]) == 4  # 3 sampling steps x 4 blocks
     # resumed: nothing runs again

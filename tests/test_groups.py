@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dpq_lightning.quant.geometry import GeometryError, column_block_of, from_groups, make_geometry, to_groups
+from dpq_lightning.quant.state import is_quantized
 
 
 def test_column_groups_of_several_blocks_and_fewer_rows_round_trip():
@@ -70,12 +71,12 @@ def test_non_finite_weight_is_named_before_any_kmeans_and_the_model_is_untouched
     with pytest.raises(ValueError, match=r"blocks\.1\.mlp\.fc2\.weight: 2 of 16384 values are NaN or infinite"):
         quantize_(model, cfg)
     after = model.state_dict()
-    assert after.keys() == before.keys() and not hasattr(model, "dpq_info")
+    assert after.keys() == before.keys() and not is_quantized(model)
     assert all(torch.equal(after[k].nan_to_num(), before[k].nan_to_num()) for k in before)
     assert type(model.blocks[1].mlp.fc2) is torch.nn.Linear
 
 
-def test_an_error_part_way_leaves_the_model_unchanged(monkeypatch):
+def test_an_error_part_way_leaves_the_model_unchanged():
     from dpq_lightning.models import build_dit
     from dpq_lightning.quant import QuantConfig, quantize_
     from dpq_lightning.quant import quantize as Q
@@ -89,11 +90,11 @@ def test_an_error_part_way_leaves_the_model_unchanged(monkeypatch):
             raise KeyboardInterrupt  # e.g. Ctrl-C in the fifth layer's k-means
         return real(X, K, cfg, seed)
 
-    real = Q._run_kmeans
-    monkeypatch.setattr(Q, "_run_kmeans", failing)
+    real = Q.run_kmeans
     with pytest.raises(KeyboardInterrupt):
-        quantize_(model, QuantConfig(d=4, K=16, kmeans_backend="torch", granularity="layer"))
-    assert len(calls) == 5 and not hasattr(model, "dpq_info")
+        quantize_(model, QuantConfig(d=4, K=16, kmeans_backend="torch", granularity="layer"),
+                  ops=Q.Stage1Ops(kmeans=failing))
+    assert len(calls) == 5 and not is_quantized(model)
     assert all(type(m).__name__ in ("Linear", "Conv2d", "Embedding") for m in model.modules()
                if hasattr(m, "weight") and isinstance(getattr(m, "weight"), torch.nn.Parameter))
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dpq_lightning.digits import load_digits_tensors
+from dpq_lightning.data.digits import load_digits_tensors
 from dpq_lightning.metrics import (
     classifier_accuracy,
     digits_split,
@@ -192,15 +192,16 @@ def test_evaluate_script_on_digits_teacher(tmp_path):
     evaluate = _load_script("evaluate")
     out, npz = tmp_path / "m" / "metrics.json", tmp_path / "s.npz"
     res = evaluate.main([
-        "--teacher", str(ROOT / "checkpoints" / "digits_teacher.pt"),
-        "--arch-json", str(ROOT / "checkpoints" / "digits_teacher.json"),
-        "--num-samples", "40", "--steps", "10", "--method", "ddim", "--cfg-scale", "1.5", "--seed", "3",
-        "--batch-size", "16", "--out", str(out), "--npz", str(npz), "--quiet", "--device", "cpu",
+        "--config", str(ROOT / "configs" / "eval" / "digits.yaml"),
+        f"teacher={ROOT / 'checkpoints' / 'digits_teacher.pt'}", f"arch_json={ROOT / 'checkpoints' / 'digits_teacher.json'}",
+        "num_samples=40", "steps=10", "method=ddim", "cfg_scale=1.5", "seed=3",
+        "batch_size=16", f"out={out}", f"npz={npz}", "quiet=true", "device=cpu",
     ])
     doc = json.loads(out.read_text())
     assert doc == json.loads(json.dumps(res))
     p = doc["protocol"]
     assert (p["num_samples"], p["steps"], p["cfg_scale"], p["method"], p["seed"]) == (40, 10, 1.5, "ddim", 3)
+    assert (p["labels"], p["noise"], p["clip_denoised"]) == ("cyclic", "per_sample", True)  # from the config object
     assert "1797" in p["reference"] and p["metric"] == "proxy" and p["model"].endswith("digits_teacher.pt")
     m = doc["metrics"]
     assert set(m) == {"fid", "kid_mean", "kid_std", "is_mean", "is_std", "agreement"}
@@ -213,15 +214,17 @@ def test_evaluate_script_on_digits_teacher(tmp_path):
 
 def test_sharded_sampling_matches_single_process(tmp_path):
     """Two ranks (run one after the other) produce, after the file gather, the samples of one process."""
-    from dpq_lightning.evaluation import gather_shards, load_eval_model, sample_n
+    from dpq_lightning.distributed import gather_shards
+    from dpq_lightning.evaluation.offline import load_eval_model, sample_n
+    from dpq_lightning.evaluation.protocol import SamplingProtocol
 
     model = load_eval_model(teacher=str(ROOT / "checkpoints" / "digits_teacher.pt"),
                             arch_json=str(ROOT / "checkpoints" / "digits_teacher.json"))
-    kw = dict(steps=4, cfg_scale=1.5, method="ddim", seed=5, clip_denoised=True)
-    x1, y1, i1 = sample_n(model, 13, batch_size=13, **kw)
+    proto = SamplingProtocol(13, steps=4, cfg_scale=1.5, method="ddim", seed=5, clip_denoised=True)
+    x1, y1, i1 = sample_n(model, proto, batch_size=13)
     parts = {}
     for rank in (1, 0):  # rank 1 first: it only writes its shard; rank 0 then merges
-        xs, ys, idx = sample_n(model, 13, batch_size=4, rank=rank, world=2, **kw)
+        xs, ys, idx = sample_n(model, proto, batch_size=4, rank=rank, world=2)
         assert idx.tolist() == list(range(rank, 13, 2))
         parts[rank] = gather_shards(tmp_path, {"samples": xs, "labels": ys, "indices": idx}, rank, 2, tag="t")
     assert parts[1] is None
@@ -252,7 +255,8 @@ def test_evaluate_inception_path_with_vae(tmp_path, digits):
     from diffusers import AutoencoderKL
     from PIL import Image
 
-    from dpq_lightning.evaluation import evaluate_model
+    from dpq_lightning.evaluation.config import OfflineEvalConfig
+    from dpq_lightning.evaluation.offline import evaluate_model
     from dpq_lightning.models import build_dit
 
     torch.manual_seed(0)
@@ -266,9 +270,10 @@ def test_evaluate_inception_path_with_vae(tmp_path, digits):
         img = torch.clamp(127.5 * x[k, 0] + 128, 0, 255).to(torch.uint8).numpy()
         Image.fromarray(np.stack([img] * 3, -1)).save(ref_dir / f"{k:03d}.png")
     model = build_dit("DiT-T/2", input_size=4, in_channels=4, num_classes=10)
-    res = evaluate_model(model, metric="inception", num_samples=6, steps=3, cfg_scale=1.5, method="ddpm", seed=0,
-                         batch_size=6, vae_path=str(tmp_path / "vae"), ref=str(ref_dir),
-                         inception_weights=_fid_helper_weights(), npz_out=str(tmp_path / "s.npz"), model_source="tiny")
+    cfg = OfflineEvalConfig(packed="tiny", metric="inception", num_samples=6, steps=3, cfg_scale=1.5, method="ddpm",
+                            seed=0, batch_size=6, vae_path=str(tmp_path / "vae"), ref=str(ref_dir),
+                            inception_weights=_fid_helper_weights(), npz=str(tmp_path / "s.npz"), quiet=True)
+    res = evaluate_model(model, cfg)
     m, p = res["metrics"], res["protocol"]
     assert set(m) == {"fid", "kid_mean", "kid_std", "is_mean", "is_std", "precision", "recall", "sfid"}
     assert np.isfinite(m["fid"]) and m["fid"] > 0 and np.isfinite(m["sfid"]) and m["is_mean"] is None
@@ -322,11 +327,10 @@ def test_readme_step6_evaluate_packed_latent_model(tmp_path, digits):
     images_npz = tmp_path / "ref_images.npz"
     np.savez(images_npz, arr_0=real.permute(0, 2, 3, 1).numpy())
     evaluate = _load_script("evaluate")
-    common = ["--packed", str(packed), "--metric", "inception", "--vae-path", str(tmp_path / "vae"),
-              "--inception-weights", weights, "--num-samples", "10", "--steps", "3", "--cfg-scale", "1.5",
-              "--method", "ddpm", "--batch-size", "10", "--quiet", "--device", "cpu"]
-    res = evaluate.main([*common, "--ref-npz", str(adm), "--npz", str(tmp_path / "samples.npz"),
-                         "--out", str(tmp_path / "eval.json")])
+    common = ["--config", str(ROOT / "configs" / "eval" / "imagenet256.yaml"), f"packed={packed}",
+              f"vae_path={tmp_path / 'vae'}", f"inception_weights={weights}", "num_samples=10", "steps=3",
+              "batch_size=10", "quiet=true", "device=cpu"]  # imagenet256.yaml: inception, DDPM, guidance 1.5
+    res = evaluate.main([*common, f"ref={adm}", f"npz={tmp_path / 'samples.npz'}", f"out={tmp_path / 'eval.json'}"])
     doc = json.loads((tmp_path / "eval.json").read_text())
     assert doc == json.loads(json.dumps(res))
     m = doc["metrics"]
@@ -334,7 +338,7 @@ def test_readme_step6_evaluate_packed_latent_model(tmp_path, digits):
     assert 1.0 <= m["is_mean"] <= 1008 and np.isfinite(m["is_std"])
     with np.load(tmp_path / "samples.npz") as z:
         assert z["arr_0"].shape == (10, 8, 8, 3) and z["arr_0"].dtype == np.uint8 and len(z["arr_1"]) == 10
-    same = evaluate.main([*common, "--ref-npz", str(images_npz)])  # the reference as images
+    same = evaluate.main([*common, f"ref={images_npz}"])  # the reference as images
     assert same["metrics"]["fid"] == pytest.approx(m["fid"], rel=1e-4)
     assert same["metrics"]["sfid"] == pytest.approx(m["sfid"], rel=1e-4)
     # IS of ten identical images is exactly 1 (every split's KL is 0): the head is really used

@@ -158,10 +158,45 @@ def test_accounting_by_hand():
     assert pooled.total_bits == 2048 + 640 + 2048
 
 
+def test_code_cost_is_the_output_aware_objective_and_its_argmin():
+    from dpq_lightning.quant.assign import assign_output_aware, code_cost, damped
+    torch.manual_seed(0)
+    # 4 column blocks of 2 columns; groups of 3 rows x 2 column blocks: G = 2 x 2, N = 6
+    geo = make_geometry("w", (6, 8), d=2, granularity="column", group_rows=3, group_cols=2)
+    X = torch.randn(geo.num_groups, geo.group_size, 2)
+    C = torch.randn(geo.num_groups, 5, 2)
+    A = torch.randn(4, 2, 2)
+    H = damped(A @ A.transpose(1, 2), 0.01)  # (4, 2, 2) SPD
+    best = assign_output_aware(X, C, H, geo)
+    # brute force: the cost of every codeword for every sub-vector
+    costs = torch.stack([code_cost(X, C, torch.full_like(best, k), geo, H) for k in range(5)], -1)
+    assert torch.equal(costs.argmin(-1), best)
+    # the cost of one sub-vector by hand: (w - c)^T H_m (w - c) with m its column block
+    g, n = 1, 3
+    m = (g % (geo.col_blocks // geo.group_cols)) * geo.group_cols + n % geo.group_cols  # its column block
+    diff = X[g, n] - C[g, best[g, n]]
+    assert torch.allclose(code_cost(X, C, best, geo, H)[g, n], diff @ H[m] @ diff, rtol=1e-5)
+    assert torch.allclose(code_cost(X, C, best, geo), (X - torch.gather(C, 1, best.unsqueeze(-1).expand(-1, -1, 2))).pow(2).sum(-1))
+
+
+def test_limit_changes_moves_only_the_largest_gains():
+    from dpq_lightning.quant.assign import limit_changes
+
+    old = torch.zeros(2, 4, dtype=torch.int16)
+    new = torch.tensor([[1, 1, 0, 2], [3, 0, 1, 1]])
+    gain = torch.tensor([[3.0, 0.5, 9.0, 2.0], [-1.0, 7.0, 1.0, 4.0]])  # 9 and 7: codes unchanged
+    out = limit_changes(old, new, gain, 0.25)  # round(0.25 * 8) = 2 codes may move
+    assert out.tolist() == [[1, 0, 0, 0], [0, 0, 0, 1]]  # gains 3 and 4; the negative gain never moves
+    assert limit_changes(old, new, gain, 1.0).tolist() == [[1, 1, 0, 2], [0, 0, 1, 1]]
+    assert limit_changes(old, new, gain, 0.01).tolist() == old.tolist()  # round(0.08) = 0
+    with pytest.raises(ValueError, match="fraction of codes to change must be in"):
+        limit_changes(old, new, gain, 0.0)
+
+
 def test_quant_core_imports_only_torch():
     """Dependencies point inward: quant/ imports torch and the standard library only (faiss and
     numpy appear lazily inside the optional faiss backend)."""
-    allowed = {"torch", "math", "dataclasses", "typing", "fnmatch", "json", "time", "__future__"}
+    allowed = {"torch", "math", "copy", "dataclasses", "typing", "fnmatch", "json", "time", "__future__"}
     lazy_ok = {"faiss", "numpy"}
     root = Path(__file__).parents[1] / "dpq_lightning" / "quant"
     files = sorted(root.glob("*.py"))

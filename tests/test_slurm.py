@@ -10,7 +10,7 @@ uninterrupted run.
 Needs SLURM (``slurm-wlm`` + ``munge``): skipped with the reason when it is absent (a failure
 under CI, which installs and starts it with ``.ci/slurm.sh``). If SLURM is installed but not
 running, this module starts the test cluster (``scripts/slurm/cluster.sh start``, root only) and
-stops it afterwards. Facts and traps: shared/docs/slurm-notes.md.
+stops it afterwards. Facts and traps: docs/slurm.md.
 """
 
 from __future__ import annotations
@@ -230,7 +230,7 @@ def test_preemption_saves_requeues_and_resumes_to_the_same_state(uninterrupted):
                 f"{hpc[0].name} was saved in the middle of a step (batches fetched {batch['ready']}, processed "
                 f"{batch['processed']}; optimizer steps started {opt['ready']}, completed {opt['completed']}): "
                 "the resumed run skips the batch in flight. The SIGUSR1 handler must only set a flag, and the "
-                "checkpoint + requeue must happen at the end of a step, agreed by all ranks (dpq_lightning/run.py)")
+                "checkpoint + requeue must happen at the end of a step, agreed by all ranks (dpq_lightning/callbacks/requeue.py)")
         # The requeued run must go on from the preemption checkpoint (or from a later one, if the
         # first run got further before SLURM stopped it), never from an older periodic last.ckpt.
         resumed = logged_steps(out, 1)
@@ -241,7 +241,7 @@ def test_preemption_saves_requeues_and_resumes_to_the_same_state(uninterrupted):
             problems.append(
                 f"the requeued run resumed at step {facts['resumed_at_step']}, before the preemption checkpoint's "
                 f"step {ckpt['global_step']}: work was lost. trainer.resume=auto passes checkpoints/last.ckpt to "
-                "fit(), which overrides Lightning's hpc_ckpt restore (dpq_lightning/run.py resume_path must "
+                "fit(), which overrides Lightning's hpc_ckpt restore (dpq_lightning/checkpoint_io.py resume_path must "
                 "prefer the newer hpc_ckpt_N.ckpt)")
     f0, f1 = fingerprints(out) if (out / "fingerprints" / "rank1.json").is_file() else ({}, {})
     ref = fingerprints(uninterrupted["out"])[0]["sha256"]

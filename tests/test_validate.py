@@ -40,7 +40,7 @@ def test_all_loss_weights_zero_is_rejected():
 ])
 def test_missing_paths_fail_before_anything_is_built(overrides, message, tmp_path):
     from dpq_lightning.data import DataError
-    from dpq_lightning.run import run
+    from dpq_lightning.jobs.run import run
 
     cfg = load_config(QS, [f"output_dir={tmp_path / 'r'}", *overrides])
     t0 = time.time()
@@ -51,7 +51,7 @@ def test_missing_paths_fail_before_anything_is_built(overrides, message, tmp_pat
 
 
 def test_random_bytes_as_checkpoint_say_so(tmp_path):
-    from dpq_lightning.run import run
+    from dpq_lightning.jobs.run import run
 
     bad = tmp_path / "teacher.ckpt"
     bad.write_bytes(bytes(range(256)) * 64)

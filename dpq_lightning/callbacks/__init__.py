@@ -1,15 +1,16 @@
-"""Lightning callbacks that evaluate the student during calibration.
+"""Lightning callbacks that evaluate the student during calibration, plus the run's logger
+(:func:`make_logger`) and SLURM preemption handling (:class:`RequeueAtStepEnd`).
 
 * :class:`ProxyMetricsCallback` - proxy FID / IS / KID / classifier agreement of student samples
   (rank-sharded sampling, metrics on rank 0), and the teacher's once, for the gap;
 * :class:`SampleGridCallback` - fixed-noise teacher-vs-student sample grid (PNG + W&B image);
 * :class:`CompressionReportCallback` - size report scalars, per-parameter table / CSV / JSON;
 * :class:`BlockErrorTrajectoryCallback` - per-block relative error along a sampling trajectory
-  (the paper's Figure 2, right; the computation itself is :mod:`dpq_lightning.trajectory`).
+  (the paper's Figure 2, right; the computation itself is :mod:`dpq_lightning.evaluation.trajectory`).
 
 All of them sample with the one sampling loop (:func:`dpq_lightning.sampling.sample`), put the
 models in eval mode without grad while they do, and restore each module's mode afterwards.
-:func:`build_callbacks` builds the configured set from an :class:`~dpq_lightning.eval_config.EvalConfig`.
+:func:`build_callbacks` builds the configured set from an :class:`~dpq_lightning.evaluation.config.EvalConfig`.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from typing import Callable
 
 import torch
 
-from ..eval_config import EvalConfig
+from ..evaluation.config import EvalConfig
 from .grid import SampleGridCallback, make_grid
+from .loggers import make_logger
 from .proxy import ProxyMetricsCallback
 from .report import CompressionReportCallback
+from .requeue import RequeueAtStepEnd
 from .trajectory import BlockErrorTrajectoryCallback, plot_block_errors
 
 __all__ = [
@@ -29,9 +32,11 @@ __all__ = [
     "CompressionReportCallback",
     "EvalConfig",
     "ProxyMetricsCallback",
+    "RequeueAtStepEnd",
     "SampleGridCallback",
     "build_callbacks",
     "make_grid",
+    "make_logger",
     "plot_block_errors",
 ]
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import io
-import json
 import logging
 import os
 from pathlib import Path
@@ -14,6 +12,9 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
+
+from .. import atomic
+from ..atomic import save_figure_atomic, save_npy_atomic, save_png_atomic, write_bytes_atomic  # noqa: F401 - re-exported
 
 log = logging.getLogger("dpq_lightning.callbacks")
 
@@ -35,7 +36,7 @@ def eval_mode(*models: nn.Module | None) -> Iterator[None]:
 
 
 def sample_shape(model: nn.Module) -> tuple[int, int, int]:
-    from ..final_eval import shape_of  # the one definition of a model's sample shape
+    from ..evaluation.final import shape_of  # the one definition of a model's sample shape
 
     return shape_of(model)
 
@@ -45,21 +46,9 @@ def run_dir(trainer: L.Trainer, out_dir: str | os.PathLike | None) -> Path:
     return Path(out_dir if out_dir is not None else trainer.default_root_dir)
 
 
-def _atomic(path: Path, write) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
-    return path
-
-
-def write_bytes_atomic(data: bytes, path: Path) -> Path:
-    return _atomic(path, lambda f: f.write(data))
-
-
 def write_json_atomic(data: Any, path: Path) -> Path:
-    return write_bytes_atomic(json.dumps(data, indent=2, default=_jsonable).encode(), path)
+    """The callbacks' JSON: indent 2, tensors and arrays as lists."""
+    return atomic.write_json_atomic(data, path, indent=2, default=_jsonable)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -70,29 +59,6 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, tuple):
         return list(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-def save_npy_atomic(array, path: Path) -> Path:
-    import numpy as np
-
-    buf = io.BytesIO()
-    np.save(buf, np.asarray(array))
-    return write_bytes_atomic(buf.getvalue(), path)
-
-
-def save_png_atomic(pixels, path: Path) -> Path:
-    """``pixels``: uint8 ``[H, W]`` (grayscale) or ``[H, W, 3]``."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return write_bytes_atomic(buf.getvalue(), path)
-
-
-def save_figure_atomic(fig, path: Path) -> Path:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")  # no bbox_inches: the PNG is exactly figsize x dpi pixels
-    return write_bytes_atomic(buf.getvalue(), path)
 
 
 def wandb_loggers(trainer: L.Trainer) -> list:

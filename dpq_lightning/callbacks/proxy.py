@@ -7,7 +7,9 @@ import math
 import lightning as L
 import torch
 
-from ..final_eval import DIGITS_SHAPE, proxy_metrics_of, proxy_samples, rank_seed
+from ..evaluation.config import EvalConfig
+from ..evaluation.final import DIGITS_SHAPE, SAMPLE_CHUNK, proxy_metrics_of
+from ..evaluation.protocol import SamplingProtocol
 from ._util import PeriodicCallback, eval_mode, log_scalars, note, sample_shape
 
 
@@ -18,9 +20,10 @@ class ProxyMetricsCallback(PeriodicCallback):
     and KID). At train start the frozen teacher is measured the same way once
     (``val/teacher_fid_proxy``, ...), so the gap to the teacher is visible (``val/fid_proxy_gap``).
 
-    Distributed: every rank samples its share of one balanced label list with noise from a
-    generator seeded by ``(seed, rank)``; the shares are gathered to rank 0, which computes the
-    metrics; the values are broadcast so ``trainer.callback_metrics`` agrees on every rank. The
+    Distributed: every rank samples its share (indices ``i % world == rank``) of the run's
+    ``eval.protocol()`` (:func:`dpq_lightning.evaluation.offline.sample_n`: shuffled balanced labels, noise
+    from a generator seeded by ``(seed, rank)``); the shares are gathered to rank 0, which computes
+    the metrics; the values are broadcast so ``trainer.callback_metrics`` agrees on every rank. The
     noise is the same at every evaluation (same seed), so successive values differ by the model only.
 
     The proxy is defined for the digits miniature (1x8x8 pixel space); for other models the
@@ -29,7 +32,7 @@ class ProxyMetricsCallback(PeriodicCallback):
 
     def __init__(self, every_n_steps: int | None = 200, num_samples: int = 500, steps: int = 50,
                  cfg_scale: float = 1.5, method: str = "ddim", seed: int = 0,
-                 classifier_path: str = "checkpoints/digits_classifier.pt", batch_size: int = 500,
+                 classifier_path: str = "checkpoints/digits_classifier.pt", batch_size: int = SAMPLE_CHUNK,
                  teacher: bool = True, at_start: bool = True):
         super().__init__(every_n_steps, at_start)
         if num_samples < 1:
@@ -77,34 +80,31 @@ class ProxyMetricsCallback(PeriodicCallback):
             self.history.append((trainer.global_step, m))
 
     # ---- the measurement -------------------------------------------------------------------
-    def labels(self, num_classes: int) -> torch.Tensor:
-        from ..data import balanced_labels
-
-        return balanced_labels(self.num_samples, num_classes, seed=self.seed)
+    def protocol(self) -> SamplingProtocol:
+        """The run's ``eval.protocol()`` (shuffled labels, per-rank noise, no clipping)."""
+        return EvalConfig(num_samples=self.num_samples, sampling_steps=self.steps, cfg_scale=self.cfg_scale,
+                          method=self.method, seed=self.seed).protocol()
 
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule, model: torch.nn.Module) -> dict[str, float]:
-        """Sample this rank's share, gather on rank 0, compute the proxy there; the same dict on
-        every rank."""
-        from ..eval_config import EvalConfig
+        """Sample this rank's share (indices ``i % world == rank``), gather on rank 0, compute the
+        proxy there; the same dict on every rank."""
+        from ..evaluation.offline import protocol_labels, sample_n
 
         world, rank, dev = trainer.world_size, trainer.global_rank, pl_module.device
-        labels = self.labels(model.num_classes)
-        per = math.ceil(self.num_samples / world)
-        padded = torch.cat([labels, labels[: per * world - self.num_samples]])  # equal shares for all_gather
-        mine = padded[rank * per:(rank + 1) * per].to(dev)
-        gen = torch.Generator(device=dev).manual_seed(rank_seed(self.seed, rank))
-        shape = sample_shape(model)
-        proto = EvalConfig(sampling_steps=self.steps, cfg_scale=self.cfg_scale, method=self.method)
+        proto = self.protocol()
         with eval_mode(model):
-            x = proxy_samples(model, mine, proto, gen, self.batch_size)  # (per, C, H, W)
-        if world > 1:
-            x = pl_module.all_gather(x).reshape(world * per, *shape)  # rank order = label order
+            x, _, _ = sample_n(model, proto, batch_size=self.batch_size, rank=rank, world=world, device=dev)
+        labels = protocol_labels(proto, model.num_classes)
         if world == 1:
-            return self.compute(x[: self.num_samples].cpu(), labels)
+            return self.compute(x, labels)
+        per = math.ceil(self.num_samples / world)  # equal shares for all_gather: pad the short ones
+        x = torch.cat([x, x.new_zeros((per - x.shape[0], *x.shape[1:]))]).to(dev)
+        x = pl_module.all_gather(x).cpu()  # (world, per, C, H, W): rank r holds samples r, r + world, ...
+        x = x.transpose(0, 1).reshape(world * per, *x.shape[2:])[: self.num_samples]  # back in index order
         metrics = None
         if trainer.is_global_zero:
             try:
-                metrics = self.compute(x[: self.num_samples].cpu(), labels)
+                metrics = self.compute(x, labels)
             except Exception as err:  # noqa: BLE001 - re-raised on every rank below, none left waiting
                 metrics = {"__error__": f"{type(err).__name__}: {err}"}
         metrics = trainer.strategy.broadcast(metrics, src=0)

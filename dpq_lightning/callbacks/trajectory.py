@@ -41,7 +41,7 @@ def plot_block_errors(errors: dict[str, np.ndarray], title: str = "", figsize=(6
 class BlockErrorTrajectoryCallback(PeriodicCallback):
     """Along one sampling trajectory (``steps`` of ``method``, fixed noise from ``seed`` and
     balanced labels), the relative error of every student block against the teacher on the same
-    ``x_t``: :func:`dpq_lightning.trajectory.block_error_trajectory`, ``[steps, blocks]``.
+    ``x_t``: :func:`dpq_lightning.evaluation.trajectory.block_error_trajectory`, ``[steps, blocks]``.
 
     ``follow``: ``"teacher"`` (both see the teacher's trajectory), ``"student"`` (the student's
     own, showing accumulation) or ``"both"``. At train start (the stage-1 student), every
@@ -65,7 +65,7 @@ class BlockErrorTrajectoryCallback(PeriodicCallback):
 
     def compute(self, pl_module) -> dict[str, torch.Tensor]:
         from ..data import balanced_labels
-        from ..trajectory import block_error_trajectory
+        from ..evaluation.trajectory import block_error_trajectory
 
         teacher, student = pl_module.teacher, pl_module.student
         labels = balanced_labels(self.num_samples, student.num_classes, seed=self.seed).to(pl_module.device)

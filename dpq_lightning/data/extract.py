@@ -29,7 +29,6 @@ from ..diffusion import VAE_SCALE
 from .shards import DEFAULT_CHUNK_BYTES, META_NAME, DataError, merge_shards, write_shards
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
-VAE_REPOS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 CLASSES_NAME = "classes.json"
 
 
@@ -97,16 +96,14 @@ def limit_files(files: list[tuple[str, int]], limit: int | None) -> list[tuple[s
 
 
 def detect_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
-    """``(rank, world_size)``: the arguments, else ``RANK``/``WORLD_SIZE`` (torchrun), else
-    ``SLURM_PROCID``/``SLURM_NTASKS``, else ``(0, 1)``."""
-    env = os.environ
-    if rank is None:
-        rank = int(env.get("RANK", env.get("SLURM_PROCID", 0)))
-    if world_size is None:
-        world_size = int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", 1)))
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ExtractError(f"rank {rank} is not in [0, world size {world_size})")
-    return rank, world_size
+    """``(rank, world_size)`` by :func:`dpq_lightning.distributed.rank_world`'s one rule (the
+    arguments, else torchrun's, else an ``srun`` step's), as an :class:`ExtractError` if invalid."""
+    from ..distributed import RankError, rank_world
+
+    try:
+        return rank_world(rank, world_size)
+    except RankError as err:
+        raise ExtractError(str(err)) from err
 
 
 def extraction_order(n: int, seed: int) -> list[int]:
@@ -123,35 +120,14 @@ def image_seed(seed: int, index: int, flipped: bool) -> int:
 
 
 def load_vae(vae: str | None = "ema", vae_path: str | None = None, device: str | torch.device = "cpu"):
-    """``diffusers.AutoencoderKL`` in eval mode: ``vae_path`` (a local ``save_pretrained`` dir)
-    if given, else ``stabilityai/sd-vae-ft-{vae}`` from the Hugging Face Hub (or its cache).
-    Offline or missing: one-line :class:`ExtractError` saying what to download and which flag."""
-    from diffusers import AutoencoderKL
+    """:func:`dpq_lightning.models.vae.load_vae`, its errors as :class:`ExtractError`."""
+    from ..models.vae import VAEError
+    from ..models.vae import load_vae as load
 
-    if vae_path is not None:
-        where = Path(vae_path).expanduser()
-        if not (where / "config.json").is_file():
-            raise ExtractError(
-                f"--vae-path {where} has no config.json: it must be a diffusers AutoencoderKL folder, e.g."
-                f" `huggingface-cli download {VAE_REPOS.get(vae or 'ema', VAE_REPOS['ema'])} --local-dir {where}`"
-            )
-        try:
-            model = AutoencoderKL.from_pretrained(str(where), low_cpu_mem_usage=False)
-        except Exception as err:  # noqa: BLE001 - any loader failure becomes one readable line
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ExtractError(f"--vae-path {where}: cannot load AutoencoderKL: {first}") from err
-    else:
-        if vae not in VAE_REPOS:
-            raise ExtractError(f"--vae must be one of {sorted(VAE_REPOS)} (or give --vae-path), got {vae!r}")
-        repo = VAE_REPOS[vae]
-        try:
-            model = AutoencoderKL.from_pretrained(repo, low_cpu_mem_usage=False)
-        except Exception as err:  # noqa: BLE001 - offline hub errors are long and misleading
-            raise ExtractError(
-                f"cannot load the SD-VAE {repo} (offline, or not in the Hugging Face cache): on a machine with"
-                f" internet run `huggingface-cli download {repo} --local-dir DIR`, then pass --vae-path DIR"
-            ) from err
-    return model.to(device).eval().requires_grad_(False)
+    try:
+        return load(vae, vae_path, device)
+    except VAEError as err:
+        raise ExtractError(str(err)) from err
 
 
 class _ImageFiles(torch.utils.data.Dataset):

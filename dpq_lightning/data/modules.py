@@ -159,7 +159,7 @@ class DigitsDataModule(LatentDataModule):
         drop_last: bool = True,
         chunk_bytes: int | str = "64KB",
     ) -> None:
-        from ..digits import IMAGE_SHAPE, NUM_CLASSES
+        from .digits import IMAGE_SHAPE, NUM_CLASSES
 
         root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         super().__init__(
@@ -194,7 +194,7 @@ def _valid(path: str | os.PathLike, **expect: Any) -> bool:
 
 def ensure_digits_shards(path: str | os.PathLike, chunk_bytes: int | str = "64KB") -> dict[str, Any]:
     """Write the digits shards to ``path`` unless a valid copy is there (a corrupt one is replaced)."""
-    from ..digits import IMAGE_SHAPE, NUM_CLASSES, load_digits_tensors
+    from .digits import IMAGE_SHAPE, NUM_CLASSES, load_digits_tensors
 
     expect = dict(expect_shape=IMAGE_SHAPE, expect_num_classes=NUM_CLASSES)
     if _valid(path, **expect):

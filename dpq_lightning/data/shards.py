@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from ..atomic import write_json_atomic
+
 META_NAME = "dpq_meta.json"
 INDEX_NAME = "index.json"
 FORMAT = "dpq-latents/1"
@@ -98,12 +100,6 @@ def _publish(tmp_dir: Path, out_dir: Path, overwrite: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def write_shards(
     samples: Any,
     out_dir: str | os.PathLike,
@@ -170,7 +166,7 @@ def write_shards(
         }
         for name, text in (extra_files or {}).items():
             (tmp_dir / name).write_text(text)
-        _write_json_atomic(tmp_dir / META_NAME, meta)
+        write_json_atomic(meta, tmp_dir / META_NAME, indent=1, newline=True, sort_keys=True)
         _publish(tmp_dir, out_dir, overwrite)
     finally:
         if tmp_dir.exists():
@@ -221,7 +217,7 @@ def merge_shards(
         meta.pop("world_size", None)
         for name, text in (extra_files or {}).items():
             (tmp_dir / name).write_text(text)
-        _write_json_atomic(tmp_dir / META_NAME, meta)
+        write_json_atomic(meta, tmp_dir / META_NAME, indent=1, newline=True, sort_keys=True)
         _publish(tmp_dir, out_dir, overwrite)
     finally:
         if tmp_dir.exists():

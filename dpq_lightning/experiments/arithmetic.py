@@ -20,7 +20,7 @@ SCHEMES = ("VQ", "PQ", "DPQ")
 def size_summary(config: Path) -> dict:
     """``dpq plan --json``'s object for one config file."""
     from ..config import load_config
-    from ..stage1 import predict_size
+    from ..jobs.stage1 import predict_size
 
     cfg = load_config(config)
     report = predict_size(cfg)

@@ -88,15 +88,13 @@ def _plt():
 
 
 def _save(fig, path: Path) -> Path:
-    import io
+    from ..atomic import save_figure_atomic
 
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    _plt().close(fig)
-    from ..atomic import write_bytes_atomic
-
-    return write_bytes_atomic(buf.getvalue(), path)
+    try:
+        return save_figure_atomic(fig, path, dpi=110)
+    finally:
+        _plt().close(fig)
 
 
 def fig_fid_vs_bits(rows: list[dict], path: Path) -> Path:

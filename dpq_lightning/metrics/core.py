@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -149,13 +148,6 @@ def write_adm_npz(samples_uint8, path: str | os.PathLike, labels=None) -> Path:
         if lab.shape != (arr.shape[0],):
             raise ValueError(f"labels must have shape ({arr.shape[0]},), got {lab.shape}")
         arrays["arr_1"] = lab.astype(np.int64)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:  # a file object, so numpy does not append ".npz" to the name
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    from ..atomic import save_npz_atomic
+
+    return save_npz_atomic(arrays, path, unique=True)

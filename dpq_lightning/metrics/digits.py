@@ -58,7 +58,7 @@ def digits_split(seed: int = SPLIT_SEED, test_size: float = TEST_SIZE):
     ``(x_train, y_train, x_test, y_test)`` (sklearn ``train_test_split``)."""
     from sklearn.model_selection import train_test_split
 
-    from ..digits import load_digits_tensors
+    from ..data.digits import load_digits_tensors
 
     x, y = load_digits_tensors()
     idx = torch.arange(len(y)).numpy()
@@ -112,7 +112,7 @@ def proxy_metrics(samples: Tensor, labels: Tensor, classifier: DigitsClassifier,
     equals the requested label).
     """
     if real is None:
-        from ..digits import load_digits_tensors
+        from ..data.digits import load_digits_tensors
 
         real = load_digits_tensors()[0]
     labels = torch.as_tensor(labels).reshape(-1).cpu()

@@ -208,19 +208,9 @@ def load_reference(reference, extractor: nn.Module, batch_size: int = 100) -> di
 
 def save_reference_npz(stats: Mapping[str, np.ndarray], path: str | os.PathLike) -> Path:
     """Write reference statistics atomically (keys as ADM's: mu, sigma, mu_s, sigma_s; + pool)."""
-    import tempfile
+    from ..atomic import save_npz_atomic
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **stats)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return save_npz_atomic(dict(stats), path, unique=True)
 
 
 def image_metrics(samples_uint8, reference, feature: str | nn.Module = "inception",

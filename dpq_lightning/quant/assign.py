@@ -8,6 +8,10 @@
   ``sum_m (w_m - c_m)^T H_m (w_m - c_m)`` plus cross-block terms this rule ignores (as PQ does).
   With ``H = I`` it is ``nearest``.
 
+Limited reassignment (PV-tuning's discrete step, our reading): of the codes a rule would change in
+a layer, only the ``fraction`` with the largest gain in the rule's own objective change in one
+pass (:func:`limit_changes`), so codebooks tuned for the old codes are not pulled away at once.
+
 ``H`` is given per column block: ``[M, d, d]``. A small damping ``lambda * mean(diag H) * I`` keeps
 blocks with (near-)zero input energy well posed; it pulls the rule toward ``nearest`` there.
 """
@@ -63,6 +67,35 @@ def assign_output_aware(
         cross = torch.einsum("grjd,gjkd->grjk", x, HC)  # (G, r, gc, K): w^T H c
         codes[:, s : s + step] = (Q.unsqueeze(1) - 2 * cross).argmin(-1)
     return codes.reshape(G, N)
+
+
+def code_cost(X: torch.Tensor, C: torch.Tensor, codes: torch.Tensor, geo: Geometry,
+              H: torch.Tensor | None = None) -> torch.Tensor:
+    """The rule's objective of given ``codes [G, N]``: ``(w - c)^T H_m (w - c)`` per sub-vector
+    ``[G, N]`` (``H [M, d, d]``, already damped), or ``|w - c|^2`` when ``H`` is None."""
+    G, N, d = X.shape
+    diff = X.float() - torch.gather(C.float(), 1, codes.long().unsqueeze(-1).expand(G, N, d))  # (G, N, d)
+    if H is None:
+        return diff.pow(2).sum(-1)
+    gr, gc, M = geo.group_rows, geo.group_cols, geo.col_blocks
+    Hg = H.float().reshape(M // gc, gc, d, d)[torch.arange(G, device=X.device) % (M // gc)]  # (G, gc, d, d)
+    diff = diff.reshape(G, gr, gc, d)
+    return torch.einsum("grjd,gjde,grje->grj", diff, Hg, diff).reshape(G, N)
+
+
+def limit_changes(old: torch.Tensor, new: torch.Tensor, gain: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Codes ``[G, N]`` equal to ``old`` except at the ``round(fraction * old.numel())`` places
+    (at most) where ``new`` differs with the largest positive ``gain = cost(old) - cost(new)``."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction of codes to change must be in (0, 1], got {fraction}")
+    old, new = old.long(), new.long()
+    score = torch.where((new != old) & (gain > 0), gain.float(), torch.full_like(gain, -1.0, dtype=torch.float32))
+    k = min(round(fraction * old.numel()), int((score > 0).sum()))
+    out = old.clone().reshape(-1)
+    if k > 0:
+        top = score.reshape(-1).topk(k).indices  # (k,)
+        out[top] = new.reshape(-1)[top]
+    return out.reshape(old.shape)
 
 
 def assign(

@@ -14,7 +14,7 @@ Speed on CPU (measured in ``docs/benchmarks.md``): distance blocks are capped at
 faiss is installed, ``nearest`` on CPU float32 tensors runs faiss' exact exhaustive search (BLAS
 plus a fused argmin; 4x faster per group than the matmul + ``min`` here, 30x for the pool's one
 large search). It is the same nearest-centroid rule (only floating-point near-ties may resolve
-differently); set ``FAISS_ASSIGN = False`` for pure torch. Every faiss call is made with faiss'
+differently); pass ``use_faiss=False`` for pure torch. Every faiss call is made with faiss'
 BLAS search path switched on for small query counts, and many small calls run single-threaded
 (see :class:`_FaissSettings`).
 """
@@ -27,8 +27,6 @@ DEFAULT_CHUNK_BYTES = 256 * 2**20
 # On CPU a [G, n, K] distance block that fits in cache is ~2.5x faster to fill and reduce than a
 # large one (measured on a 2-core EPYC, 1-4 MiB best); on GPU the caller's bound applies as given.
 CPU_CHUNK_BYTES = 4 * 2**20
-# Use faiss (when importable) for nearest-centroid search on CPU float32 tensors.
-FAISS_ASSIGN = True
 # faiss searches with BLAS + a fused argmin only from this many queries on; its default (128000
 # in faiss 1.15) sends a group of a few thousand points to a scalar loop that is ~10x slower.
 _FAISS_BLAS_THRESHOLD = 20
@@ -105,14 +103,15 @@ def _nearest_faiss(faiss, X: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tenso
 
 
 def nearest(
-    X: torch.Tensor, C: torch.Tensor, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    X: torch.Tensor, C: torch.Tensor, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES, use_faiss: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest centroid per point. ``X [G, N, d]``, ``C [G, K, d]`` -> ``(idx [G, N], dist2 [G, N])``."""
+    """Nearest centroid per point. ``X [G, N, d]``, ``C [G, K, d]`` -> ``(idx [G, N], dist2 [G, N])``.
+    ``use_faiss``: faiss' exact search for CPU float32 tensors when it is importable."""
     G, N, _ = X.shape
     K = C.shape[1]
     if X.device.type == "cpu" and C.device.type == "cpu":
         needs_grad = torch.is_grad_enabled() and (X.requires_grad or C.requires_grad)
-        faiss = _faiss() if FAISS_ASSIGN and not needs_grad else None
+        faiss = _faiss() if use_faiss and not needs_grad else None
         if faiss is not None and X.dtype == torch.float32 and C.dtype == torch.float32:
             return _nearest_faiss(faiss, X, C)
         max_chunk_bytes = min(max_chunk_bytes, CPU_CHUNK_BYTES)
@@ -182,8 +181,9 @@ def kmeans(
     init: str = "kmeans++",
     weights: torch.Tensor | None = None,
     max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    use_faiss: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lloyd's k-means on every group at once.
+    """Lloyd's k-means on every group at once (``use_faiss``: see :func:`nearest`).
 
     Args:
         X: points ``[G, N, d]`` (any float dtype; computed in fp32).
@@ -213,7 +213,7 @@ def kmeans(
     pts = X.reshape(-1, d) if w is None else (X * w.unsqueeze(-1)).reshape(-1, d)  # (G*N, d)
     mass = torch.ones(G * N, device=X.device) if w is None else w.reshape(-1)  # (G*N,)
     for _ in range(iters):
-        idx, dist2 = nearest(X, C, max_chunk_bytes)  # (G, N)
+        idx, dist2 = nearest(X, C, max_chunk_bytes, use_faiss)  # (G, N)
         flat = (idx + offsets).reshape(-1)  # (G*N,)
         sums = torch.zeros(G * K, d, device=X.device).index_add_(0, flat, pts)  # (G*K, d)
         counts = torch.zeros(G * K, device=X.device).index_add_(0, flat, mass)  # (G*K,)
@@ -228,7 +228,7 @@ def kmeans(
                 far = torch.topk(dist2[g] * (1 if w is None else w[g]), ks.numel()).indices
                 C_new[g, ks] = X[g, far]
         C = C_new
-    idx, _ = nearest(X, C, max_chunk_bytes)
+    idx, _ = nearest(X, C, max_chunk_bytes, use_faiss)
     return C, idx
 
 

@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
+import copy
 import time
+from dataclasses import dataclass, fields
 from typing import Callable
 
 import torch
@@ -20,11 +22,13 @@ from .accounting import ParamSize, SizeReport, float_param_size, pq_param_size
 from .budget import choose_pool_sizes, target_bits_of
 from .config import QuantConfig
 from .geometry import Geometry, to_groups
-from .kmeans import kmeans, kmeans_faiss, nearest
+from . import kmeans as _km
+from .kmeans import nearest
 from .layers import PQ_MODULES, PQWeight, conv_args_of, kind_of, wrap_module
 from .layout import container_bytes, metadata_for, pq_entry
 from .plan import Plan, make_plan
 from .pool import build_pool
+from .state import QuantState, set_state, state_of
 
 Progress = Callable[[str, int, int], None]  # (layer name, index, total)
 
@@ -63,7 +67,7 @@ def structure_of(model: nn.Module) -> dict:
             conv = mod.conv_args if kind_of(mod) == "conv2d" else None
             pq[name] = pq_entry(kind_of(mod), w.geo, w.K, w.pool_size, conv)
     params = dict(model.named_parameters())
-    for name in model.dpq_info["float_names"]:
+    for name in state_of(model).float_names:
         floats[name] = list(params[name].shape)
     return {"pq": pq, "float": dict(sorted(floats.items()))}
 
@@ -91,16 +95,45 @@ def _left_float(plan: Plan) -> dict:
     return {f.name: [f.kind, f.note] for f in plan.floats if f.kind != "float"}
 
 
-def _run_kmeans(X: torch.Tensor, K: int, cfg: QuantConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def run_kmeans(X: torch.Tensor, K: int, cfg: QuantConfig, seed: int, impl=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's k-means by ``cfg.kmeans_backend``: ``(codebooks [G, K, d], codes [G, N])``.
+    ``impl``: a module with ``kmeans`` and ``kmeans_faiss`` (default: ``quant.kmeans``), so a
+    benchmark can run another revision's k-means through the same dispatch."""
+    km = impl or _km
     backend = cfg.kmeans_backend
     if backend == "auto":
-        backend = "faiss" if X.device.type == "cpu" and _has_faiss() else "torch"
+        backend = "faiss" if X.device.type == "cpu" and has_faiss() else "torch"
     if backend == "faiss":  # faiss seeds by random sampling, whatever quant.kmeans_init says
-        return kmeans_faiss(X, K, iters=cfg.kmeans_iters, seed=seed)
-    return kmeans(X, K, iters=cfg.kmeans_iters, seed=seed, init=cfg.kmeans_init)
+        return km.kmeans_faiss(X, K, iters=cfg.kmeans_iters, seed=seed)
+    return km.kmeans(X, K, iters=cfg.kmeans_iters, seed=seed, init=cfg.kmeans_init)
 
 
-def _has_faiss() -> bool:
+@dataclass(frozen=True)
+class Stage1Ops:
+    """The expensive calls ``quantize_`` makes, as a seam: a benchmark times them
+    (:meth:`timed`) or swaps in another implementation without patching this module."""
+
+    kmeans: Callable[..., tuple[torch.Tensor, torch.Tensor]] = run_kmeans  # (X, K, cfg, seed) -> (C, codes)
+    build_pool: Callable[..., tuple] = build_pool  # see quant.pool.build_pool
+    nearest: Callable[..., tuple[torch.Tensor, torch.Tensor]] = nearest  # (X, C) -> (codes, dist2)
+
+    def timed(self) -> tuple["Stage1Ops", dict[str, float]]:
+        """These ops wrapped to add their wall time to the returned dict (seconds per op name)."""
+        totals = {f.name: 0.0 for f in fields(self)}
+
+        def wrap(name: str, fn):
+            def timed_fn(*args, **kwargs):
+                t0 = time.perf_counter()
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    totals[name] += time.perf_counter() - t0
+            return timed_fn
+
+        return Stage1Ops(**{f.name: wrap(f.name, getattr(self, f.name)) for f in fields(self)}), totals
+
+
+def has_faiss() -> bool:
     try:
         import faiss  # noqa: F401  (optional accelerator)
     except ImportError:
@@ -119,7 +152,7 @@ def round_to_storage_(model: nn.Module) -> None:
     """Round every stored tensor (codebooks, pools, float parameters) to fp16 precision, keeping
     its dtype, so the in-memory model computes exactly what the packed file will."""
     params = dict(model.named_parameters())
-    names = list(model.dpq_info["float_names"])
+    names = list(state_of(model).float_names)
     for name, mod in model.named_modules():
         if isinstance(mod, PQ_MODULES):
             names.append(f"{name}.weight_pq.{'pool' if mod.weight_pq.has_pool else 'codebooks'}")
@@ -140,14 +173,17 @@ def quantize_(
     cfg: QuantConfig,
     device: torch.device | str | None = None,
     progress: Progress | None = None,
+    ops: Stage1Ops | None = None,
 ) -> SizeReport:
     """Replace every selected weight of ``model`` by a PQ module, in place; return the size report.
 
     ``device``: where k-means runs (defaults to the weight's device). Raises before any k-means
     if a layer's shape, a pattern, the size budget or a weight's values (NaN / inf) are wrong.
     All-or-nothing: the PQ modules are built first and swapped in only once every layer is done,
-    so an error (or an interrupt) part-way leaves ``model`` exactly as it was.
+    so an error (or an interrupt) part-way leaves ``model`` exactly as it was. ``ops``: the
+    k-means, pool and assignment calls (default :class:`Stage1Ops`; benchmarks time them there).
     """
+    ops = ops or Stage1Ops()
     plan = make_plan(model, cfg)
     meta = model_meta(model)
     left = _left_float(plan)
@@ -163,26 +199,22 @@ def quantize_(
         work = torch.device(device) if device is not None else W.device
         X = to_groups(W.to(work, torch.float32), layer.geo)  # (G, N, d)
         seed = cfg.seed + i  # a different but reproducible seed per layer
-        C, codes = _run_kmeans(X, layer.K, cfg, seed)  # (G, K, d), (G, N)
+        C, codes = ops.kmeans(X, layer.K, cfg, seed)  # (G, K, d), (G, N)
         pq = PQWeight(layer.geo, layer.K, layer.pool_size)
         if layer.pool_size is None:
             pq.set_codebooks(C.half().float())
         else:
-            pool, pointers, codes = build_pool(X, C, codes, layer.pool_size, cfg.pool.importance, cfg.pool.iters, seed)
+            pool, pointers, codes = ops.build_pool(X, C, codes, layer.pool_size, cfg.pool.importance, cfg.pool.iters, seed)
             pq.set_pool(pool.half().float(), pointers)
         # Codebooks/pool were rounded to fp16: assign against what will actually be stored.
-        codes, _ = nearest(X, pq.effective_codebooks().detach().to(work))
+        codes, _ = ops.nearest(X, pq.effective_codebooks().detach().to(work))
         pq.codes.copy_(codes.to(pq.codes.dtype).cpu())
         pq.to(W.device)
         replaced.append((layer.module_name, wrap_module(module, pq).to(W.device)))
     for name, new in replaced:  # nothing in the model changed before this point
         _set_module(model, name, new)
-    model.dpq_info = {
-        "quant": cfg.to_dict(),
-        "left_float": left,
-        "float_names": [f.name for f in plan.floats],
-        "kmeans_seconds": time.perf_counter() - t0,
-    }
+    set_state(model, QuantState(copy.deepcopy(cfg), left, [f.name for f in plan.floats],
+                                kmeans_seconds=time.perf_counter() - t0, kmeans_ran_here=True))
     round_to_storage_(model)
     return report_of(model)
 
@@ -203,10 +235,8 @@ def _check_finite(model: nn.Module, plan: Plan) -> None:
 
 def report_of(model: nn.Module) -> SizeReport:
     """The size report of an already quantized model (also after loading a packed file)."""
-    info = getattr(model, "dpq_info", None)
-    if info is None:
-        raise ValueError("model is not quantized: run quantize_ first or load a packed file")
-    cfg = QuantConfig.from_dict(info["quant"])
-    report = size_report(structure_of(model), model_meta(model), cfg, info["left_float"])
+    state = state_of(model)
+    cfg = state.quant
+    report = size_report(structure_of(model), model_meta(model), cfg, state.left_float)
     report.target_bits = target_bits_of(cfg)
     return report

@@ -6,7 +6,7 @@
 #   bash scripts/slurm/cluster.sh status    # prints "running" (exit 0) or "stopped" (exit 1)
 #   bash scripts/slurm/cluster.sh stop      # stop the daemons by their pid files; nothing is left running
 #
-# Facts and traps: shared/docs/slurm-notes.md. Nothing starts by itself on these machines (no
+# Facts and traps: docs/slurm.md. Nothing starts by itself on these machines (no
 # systemd), so the daemons are started by hand, in order: munged (as user munge), slurmctld,
 # slurmd. Everything they write (state, spool, logs, pid files) lives under $DPQ_SLURM_DIR
 # (default /tmp/dpq-slurm). The SLURM client commands (sbatch, srun, scontrol, ...) read

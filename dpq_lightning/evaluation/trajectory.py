@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .models.hooks import BlockOutputRecorder
-from .sampling import sample
+from ..models.hooks import BlockOutputRecorder
+from ..sampling import sample
 
 __all__ = ["block_error_trajectory", "relative_block_errors"]
 

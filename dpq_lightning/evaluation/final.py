@@ -2,9 +2,10 @@
 
 One function for every model a run produces (the stage-1 student, the calibrated student, the
 teacher), so the ablation grid, ``train.py`` and the periodic callbacks measure the same thing
-with the same seeds: the proxy metrics of :func:`proxy_evaluate` (the single-process path of
-:class:`~dpq_lightning.callbacks.ProxyMetricsCallback`, bit for bit) and the per-block error
-along one sampling trajectory (:func:`dpq_lightning.trajectory.block_error_trajectory`, with the
+with the same seeds: the proxy metrics of :func:`proxy_evaluate` (the run's ``eval.protocol()``
+sampled by :func:`dpq_lightning.evaluation.offline.sample_n`, as the
+:class:`~dpq_lightning.callbacks.ProxyMetricsCallback` samples it, bit for bit) and the per-block error
+along one sampling trajectory (:func:`dpq_lightning.evaluation.trajectory.block_error_trajectory`, with the
 labels and seed of :class:`~dpq_lightning.callbacks.BlockErrorTrajectoryCallback`).
 """
 
@@ -13,37 +14,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .eval_config import EvalConfig
+from .config import EvalConfig
+from ..sampling import model_shape as shape_of
 
 DIGITS_SHAPE = (1, 8, 8)  # the digits classifier's input: the miniature's pixel space
 TRAJECTORY_SAMPLES = 16  # samples along the block-error trajectory (the callback's default)
-
-
-def rank_seed(seed: int, rank: int) -> int:
-    """The noise generator's seed of one rank (rank 0 in a single process)."""
-    return (int(seed) * 1_000_003 + 7919 * int(rank)) % (2**63 - 1)
-
-
-def shape_of(model: nn.Module) -> tuple[int, int, int]:
-    c = model.config
-    return (c.in_channels, c.input_size, c.input_size)
-
-
-@torch.no_grad()
-def proxy_samples(model: nn.Module, labels: torch.Tensor, cfg: EvalConfig, generator: torch.Generator,
-                  batch_size: int = 500) -> torch.Tensor:
-    """``[N, C, H, W]`` float samples for ``labels``, drawn in batches with one generator."""
-    from .sampling import sample
-
-    shape = shape_of(model)
-    parts = [sample(model, labels[i:i + batch_size], shape, steps=cfg.sampling_steps, cfg_scale=cfg.cfg_scale,
-                    method=cfg.method, generator=generator) for i in range(0, labels.shape[0], batch_size)]
-    return torch.cat(parts).float()
+# Samples per sampling call. A performance knob, not part of the protocol for DDIM: every x_T is
+# drawn before the first chunk, so chunking changes only float rounding (DDPM's per-step noise
+# still comes from the generator chunk by chunk). 100 (x2 rows for guidance, 16 tokens each)
+# keeps a block's activations in cache: 1000 DDIM-25 samples of the hidden-288 teacher take 46 s
+# on 2 cores at 100 a call, 61 s at 500 (docs/benchmarks.md, "Evaluation chunk size").
+SAMPLE_CHUNK = 100
 
 
 def proxy_metrics_of(samples: torch.Tensor, labels: torch.Tensor, classifier: nn.Module) -> dict[str, float]:
     """FID/IS/KID-proxy and class agreement of digits ``samples`` against all real digits."""
-    from .metrics import proxy_metrics
+    from ..metrics import proxy_metrics
 
     r = proxy_metrics(samples.clamp(-1, 1), labels.cpu(), classifier)
     return {"fid_proxy": float(r["fid"]), "is_proxy": float(r["is_mean"]), "is_proxy_std": float(r["is_std"]),
@@ -52,27 +38,33 @@ def proxy_metrics_of(samples: torch.Tensor, labels: torch.Tensor, classifier: nn
 
 
 def proxy_evaluate(model: nn.Module, cfg: EvalConfig, classifier: nn.Module) -> dict[str, float]:
-    """The proxy metrics of ``model`` under ``cfg`` in one process: ``cfg.num_samples`` balanced,
-    seeded labels, noise from ``rank_seed(cfg.seed, 0)``."""
-    from .data import balanced_labels
+    """The proxy metrics of ``model`` under ``cfg.protocol()`` in one process (rank 0's noise
+    stream, all samples): what the proxy callback computes in a single process, bit for bit."""
+    from .offline import sample_n
 
     if shape_of(model) != DIGITS_SHAPE:
         raise ValueError(f"the proxy metrics need 1x8x8 digits samples, the model draws {shape_of(model)}")
-    device = next(model.parameters()).device
-    labels = balanced_labels(cfg.num_samples, model.num_classes, seed=cfg.seed)
-    gen = torch.Generator(device=device).manual_seed(rank_seed(cfg.seed, 0))
     was = model.training
-    model.eval()
     try:
-        x = proxy_samples(model, labels.to(device), cfg, gen)
+        x, labels, _ = sample_n(model, cfg.protocol(), batch_size=SAMPLE_CHUNK)
     finally:
         model.train(was)
-    return proxy_metrics_of(x.cpu(), labels, classifier)
+    return proxy_metrics_of(x.float(), labels, classifier)
+
+
+def before_hardening(student: nn.Module, cfg: EvalConfig) -> dict[str, float]:
+    """The proxy metrics of a soft-candidate student before it is hardened, under the final
+    protocol (``{}`` when the final evaluation is off), so what hardening costs is measured."""
+    if not (cfg.enabled and cfg.final and cfg.num_samples > 0):
+        return {}
+    from ..metrics import load_digits_classifier
+
+    return proxy_evaluate(student, cfg, load_digits_classifier(cfg.classifier_path))
 
 
 def trajectory_errors(teacher: nn.Module, student: nn.Module, cfg: EvalConfig) -> dict[str, list[list[float]]]:
     """``{follow: [steps][blocks]}`` relative block errors along ``cfg.trajectory_steps`` steps."""
-    from .data import balanced_labels
+    from ..data import balanced_labels
     from .trajectory import block_error_trajectory
 
     labels = balanced_labels(TRAJECTORY_SAMPLES, student.num_classes, seed=cfg.seed)
@@ -93,7 +85,7 @@ def final_evaluation(student: nn.Module, teacher: nn.Module, cfg: EvalConfig) ->
     import time
     from dataclasses import asdict
 
-    from .metrics import load_digits_classifier
+    from ..metrics import load_digits_classifier
 
     t0 = time.time()
     out: dict = {"protocol": {**asdict(cfg), "trajectory_samples": TRAJECTORY_SAMPLES}}

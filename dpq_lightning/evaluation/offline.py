@@ -1,0 +1,235 @@
+"""Sample N images from a (compressed or float) DiT and score them; the logic behind
+``scripts/evaluate.py``.
+
+The protocol is a typed :class:`~dpq_lightning.evaluation.protocol.SamplingProtocol` (from the offline
+configuration :class:`~dpq_lightning.evaluation.config.OfflineEvalConfig`, or a run's ``eval`` section);
+it is written to the result as is. Offline evaluation defaults to ``cyclic`` labels (sample ``i``
+has class ``i % num_classes``) and ``per_sample`` noise (``x_T`` of sample ``i`` from its own
+generator seeded ``(seed << 32) + i``: a DDIM sample depends only on model, seed, ``i``, steps and
+guidance, not on the batch or the GPU count; DDPM's per-step noise comes from one generator per
+batch, so DDPM runs are reproducible for a fixed world size and batch size).
+
+- sharding: rank ``r`` of ``w`` generates the indices ``i % w == r``. Each rank writes its shard
+  as ``shard-{r}-of-{w}.pt`` (atomically) into a shared directory; rank 0 waits for all shards
+  (``torch.distributed.barrier`` when a process group is initialised, else by polling the files),
+  merges them in index order and computes the metrics. Files need no process group, so the same
+  code works under torchrun, ``srun`` or plain independent processes on a shared filesystem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..atomic import write_json_atomic
+from ..diffusion import VAE_SCALE
+from .config import OfflineEvalConfig
+from ..distributed import gather_shards
+from ..models.vae import load_vae
+from .protocol import SamplingProtocol, rank_seed
+from ..sampling import model_shape, sample_batches
+
+# ------------------------------------------------------------------------------------- sampling
+
+
+def shard_indices(n: int, rank: int = 0, world: int = 1) -> Tensor:
+    """The sample indices rank ``rank`` of ``world`` generates: ``i % world == rank``."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} out of range for world size {world}")
+    return torch.arange(rank, n, world)
+
+
+def initial_noise(indices: Tensor, shape: tuple[int, ...], seed: int) -> Tensor:
+    """``x_T [len(indices), *shape]`` on the CPU, one generator per sample index (``per_sample``)."""
+    g = torch.Generator()
+    out = torch.empty((len(indices), *shape))
+    for j, i in enumerate(indices.tolist()):
+        g.manual_seed((int(seed) << 32) + int(i))
+        out[j] = torch.randn(shape, generator=g)
+    return out
+
+
+def protocol_labels(protocol: SamplingProtocol, num_classes: int) -> Tensor:
+    """``[num_samples]`` labels by the protocol's rule (``cyclic`` or ``shuffled``)."""
+    if protocol.labels == "cyclic":
+        return torch.arange(protocol.num_samples) % num_classes
+    from ..data import balanced_labels
+
+    return balanced_labels(protocol.num_samples, num_classes, seed=protocol.seed)
+
+
+@torch.no_grad()
+def sample_n(model: nn.Module, protocol: SamplingProtocol, batch_size: int = 256, rank: int = 0, world: int = 1,
+             device: str | torch.device | None = None, progress: bool = False,
+             postprocess: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """This rank's share (indices ``i % world == rank``) of the protocol's samples:
+    ``(samples, labels, indices)`` on the CPU. The one place that turns a protocol into samples
+    (``scripts/evaluate.py``, the final evaluation of a run, the calibration callbacks).
+
+    ``postprocess`` (e.g. VAE decoding to uint8) is applied per batch on the device, so only its
+    output is kept in memory.
+    """
+    shape = model_shape(model)
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    model.eval()
+    idx = shard_indices(protocol.num_samples, rank, world)
+    labels = protocol_labels(protocol, model.num_classes)[idx]
+    if protocol.noise == "per_sample":
+        x_T = initial_noise(idx, shape, protocol.seed).to(dev)
+        seed = protocol.seed
+
+        def generator_for(start: int) -> torch.Generator:  # DDPM's per-step noise: one generator per batch
+            return torch.Generator(device=dev).manual_seed((int(seed) << 32) + 0x9E3779B1 + int(idx[start]))
+    else:  # per_rank: one stream for the rank, x_T first, then DDPM's noise chunk after chunk
+        stream = torch.Generator(device=dev).manual_seed(rank_seed(protocol.seed, rank))
+        x_T = torch.randn((len(idx), *shape), generator=stream, device=dev)
+
+        def generator_for(start: int) -> torch.Generator:
+            return stream
+    t0 = time.time()
+
+    def report(done: int, total: int) -> None:
+        if progress:
+            print(f"[rank {rank}] {done}/{total} samples, {time.time() - t0:.0f} s", flush=True)
+
+    x = sample_batches(model, labels.to(dev), x_T, protocol, batch_size, generator_for, postprocess, report)
+    return x, labels, idx
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """[-1, 1] images to uint8 as DiT's ``sample_ddp.py``: ``clamp(127.5 x + 128, 0, 255)``."""
+    return torch.clamp(127.5 * x + 128.0, 0, 255).to(torch.uint8)
+
+
+def vae_decoder(vae) -> Callable[[Tensor], Tensor]:
+    """Latents -> uint8 images ``[N, 3, H, W]``: ``vae.decode(latents / VAE_SCALE)``."""
+
+    @torch.no_grad()
+    def decode(latents: Tensor) -> Tensor:
+        x = vae.decode(latents.to(vae.dtype) / VAE_SCALE).sample
+        return to_uint8(x.float())
+
+    return decode
+
+
+# ------------------------------------------------------------------------------------- models
+
+
+def load_arch(path: str | os.PathLike):
+    """A DiTConfig from JSON: a training info file with ``"arch"`` (as ``checkpoints/digits_teacher.json``)
+    or a plain dict of DiTConfig fields, optionally with ``"name"`` of a registered size."""
+    from ..models import resolve_config
+
+    doc = json.loads(Path(path).read_text())
+    arch = dict(doc.get("arch", doc))
+    name = arch.pop("name", None)
+    return resolve_config(name, **arch) if name else resolve_config(arch)
+
+
+def load_eval_model(packed: str | None = None, teacher: str | None = None, arch_json: str | None = None,
+                    device: str | torch.device = "cpu") -> nn.Module:
+    """A packed ``.dpq`` model, or a float checkpoint in the original DiT layout + its arch JSON."""
+    if (packed is None) == (teacher is None):
+        raise ValueError("give exactly one of packed (a .dpq file) or teacher (a .pt checkpoint)")
+    if packed is not None:
+        from ..packed import load_packed
+
+        return load_packed(packed, device=device).eval()
+    if arch_json is None:
+        raise ValueError("a float checkpoint needs arch_json (e.g. checkpoints/digits_teacher.json)")
+    from ..models import load_original_checkpoint
+
+    return load_original_checkpoint(teacher, load_arch(arch_json)).to(device).eval()
+
+
+# ------------------------------------------------------------------------------------- sharding
+
+
+def write_json(obj: Any, path: str | os.PathLike) -> Path:
+    """Atomic JSON write (indent 2, final newline)."""
+    return write_json_atomic(obj, path, indent=2, newline=True, unique=True)
+
+
+# ------------------------------------------------------------------------------------- evaluation
+
+
+def evaluate_model(model: nn.Module, cfg: OfflineEvalConfig, rank: int = 0, world: int = 1,
+                   device: str | torch.device | None = None) -> dict | None:
+    """Sample ``cfg``'s protocol (this rank's share), gather on rank 0, score there.
+
+    ``cfg.metric="proxy"``: digits miniature, :func:`proxy_metrics` against all real digits
+    (samples clamped to [-1, 1]). ``"inception"``: latents decoded by the VAE at ``cfg.vae_path`` to
+    uint8, :func:`image_metrics` against ``cfg.ref`` (ADM ``.npz``, our stats ``.npz``, or a
+    directory of images). Returns ``{"protocol", "metrics", "seconds"}`` on rank 0, None on other
+    ranks; ``protocol`` is ``cfg.protocol()`` as a dict plus what the samples were scored against.
+    """
+    from ..metrics import write_adm_npz
+
+    proto = cfg.protocol()
+    metric, vae_path, ref = cfg.metric, cfg.vae_path, cfg.ref
+    if cfg.shard_dir is None and world > 1:
+        raise ValueError("with world > 1 give shard_dir, a directory every rank can reach")
+    tag = hashlib.sha1(json.dumps([cfg.packed or cfg.teacher, metric, proto.to_dict()]).encode()).hexdigest()[:10]
+    t0 = time.time()
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    model.to(dev)
+    post = None
+    if metric == "inception":
+        if vae_path is None or ref is None:
+            raise ValueError("metric 'inception' needs vae_path (a diffusers AutoencoderKL) and ref")
+        post = vae_decoder(load_vae(None, vae_path, dev))
+    x, labels, idx = sample_n(model, proto, batch_size=cfg.batch_size, rank=rank, world=world, device=dev,
+                              progress=not cfg.quiet, postprocess=post)
+    merged = gather_shards(cfg.shard_dir, {"samples": x, "labels": labels, "indices": idx}, rank, world, tag=tag)
+    if merged is None:
+        return None
+    x, labels = merged["samples"], merged["labels"]
+    protocol: dict[str, Any] = {"model": cfg.packed or cfg.teacher, "metric": metric, **proto.to_dict(),
+                                "world_size": world, "batch_size": cfg.batch_size}
+    if metric == "proxy":
+        from ..data.digits import load_digits_tensors
+        from ..metrics import CLASSIFIER_PATH, load_digits_classifier, proxy_metrics
+
+        cpath = cfg.classifier_path or CLASSIFIER_PATH
+        x = x.clamp(-1, 1)
+        real = load_digits_tensors()[0]
+        metrics = proxy_metrics(x, labels, load_digits_classifier(cpath), real=real)
+        protocol.update(reference=f"all {real.shape[0]} real sklearn digits", feature=f"digits classifier {cpath}")
+        images = to_uint8(x).repeat(1, 3, 1, 1)  # for the npz: RGB uint8
+    else:
+        from ..metrics import image_metrics
+
+        images = x
+        reference = ref
+        if Path(ref).is_dir():
+            reference = load_image_dir(ref)
+        metrics = image_metrics(images, reference, weights_path=cfg.inception_weights)
+        protocol.update(reference=str(ref), feature="FID Inception (torch-fidelity; sFID: Mixed_6d.branch1x1[:7])",
+                        inception_weights=cfg.inception_weights or "torch-fidelity default download",
+                        vae=str(vae_path))
+    if cfg.npz:
+        write_adm_npz(images, cfg.npz, labels=labels)
+        protocol["npz"] = str(cfg.npz)
+    return {"protocol": protocol, "metrics": metrics, "seconds": round(time.time() - t0, 2)}
+
+
+def load_image_dir(path: str | os.PathLike, limit: int | None = None) -> Tensor:
+    """uint8 ``[N, 3, H, W]`` from the png/jpg/jpeg/webp files of a directory (sorted; all the same size)."""
+    import numpy as np
+    from PIL import Image
+
+    files = sorted(p for p in Path(path).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    if not files:
+        raise FileNotFoundError(f"no images in {path}")
+    arrs = [np.asarray(Image.open(f).convert("RGB")) for f in files[:limit]]
+    sizes = {a.shape for a in arrs}
+    if len(sizes) != 1:
+        raise ValueError(f"{path}: images of different sizes {sorted(sizes)[:3]}...; center-crop/resize them first")
+    return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()

@@ -1,0 +1,120 @@
+"""``docs/results-recipes.md`` and its figure, rendered from the recipe runs' files, never typed.
+
+Inputs: ``<results>/seed<S>/dpq_<b>bit_<recipe>.json`` (written by :func:`.recipes.run_recipes`,
+each holding that run's ``summary.json`` and resolved config) and ``recipes.json`` per seed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..atomic import write_text_atomic
+from .recipes import REASSIGNING, RECIPES, TOLERANCE, choose
+from .report import _plt, _save
+
+# Issue targets for calibrated DPQ, as multiples of the teacher's FID-proxy (and agreement at 1 bit).
+TARGETS = {1: (3.0, 0.95), 2: (1.3, None)}
+
+
+def load(results: Path) -> tuple[dict, dict[int, dict], float | None]:
+    """``({(bits, recipe): {seed: record}}, {seed: meta}, teacher FID-proxy mean)``."""
+    runs: dict = {}
+    metas: dict[int, dict] = {}
+    teacher: list[float] = []
+    for folder in sorted(results.glob("seed*")):
+        if not (folder / "recipes.json").is_file():
+            continue
+        seed = int(folder.name[4:])
+        metas[seed] = json.loads((folder / "recipes.json").read_text())
+        for name in metas[seed]["cells"]:
+            rec = json.loads((folder / f"{name}.json").read_text())
+            runs.setdefault((rec["bits"], rec["recipe"]), {})[seed] = rec
+            if "teacher" in rec["summary"]["eval"]:
+                teacher.append(rec["summary"]["eval"]["teacher"]["fid_proxy"])
+    if not metas:
+        raise FileNotFoundError(f"no seed*/recipes.json under {results}: run python scripts/recipes.py --seed 0 first")
+    return runs, metas, (sum(teacher) / len(teacher) if teacher else None)
+
+
+def _fid(rec: dict) -> float:
+    return rec["summary"]["eval"]["student"]["fid_proxy"]
+
+
+def fig_recipes(runs: dict, teacher: float | None, path: Path) -> Path:
+    plt = _plt()
+    bits = sorted({b for b, _ in runs})
+    fig, axes = plt.subplots(1, len(bits), figsize=(5.5 * len(bits), 4), squeeze=False)
+    for ax, b in zip(axes[0], bits):
+        names = [r for r in RECIPES if (b, r) in runs]
+        for i, r in enumerate(names):
+            vals = [_fid(rec) for rec in runs[(b, r)].values()]
+            ax.bar(i, sum(vals) / len(vals), color="C0" if r not in REASSIGNING else "C1")
+            ax.plot([i] * len(vals), vals, "k.", ms=4)
+        if teacher:
+            ax.axhline(teacher, color="k", ls="--", lw=1, label="teacher")
+            ax.axhline(teacher * TARGETS[b][0], color="g", ls=":", lw=1, label=f"target {TARGETS[b][0]}x teacher")
+        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+        ax.set(yscale="log", ylabel="FID-proxy (bars: mean; dots: seeds)", title=f"DPQ {b} bit: calibration recipes")
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def write_report(results: Path, out: Path) -> Path:
+    runs, metas, teacher = load(results)
+    seeds = sorted(metas)
+    fig = fig_recipes(runs, teacher, out.with_name(f"{out.stem}.png"))
+    costs = "; ".join(f"seed {s}: {m['cell_seconds'] / 60:.1f} min of runs on {m['machine']} ({m['date']})"
+                      for s, m in metas.items())
+    lines = ["# Results: calibration recipes on the digits miniature", "",
+             "Rendered by `python scripts/recipes.py --report` from the runs' files under `docs/results-recipes/`; each "
+             "seed is `python scripts/recipes.py --seed S`: every row is `configs/mini/recipes/dpq_<b>bit_<recipe>.yaml` "
+             "(the miniature's `configs/mini/dpq_<b>bit.yaml` with only its calibration keys changed: same size, 400 "
+             "steps, same evaluation protocol as `docs/results-mini.md`) run through `train.py`'s own path with "
+             f"`seed=S quant.seed=S`. Cost: {costs}. Seeds: {', '.join(map(str, seeds))}.", ""]
+    if teacher:
+        lines += [f"Teacher FID-proxy: {teacher:.2f}.", ""]
+    for b in sorted({b for b, _ in runs}):
+        mult, agree = TARGETS[b]
+        lines += [f"## {b} bit", "",
+                  f"Target (calibrated DPQ): FID-proxy at most {mult}x the teacher's"
+                  + (f", agreement at least {agree}" if agree else "") + ".", "",
+                  "| recipe | what changes | FID-proxy | x teacher | agreement | IS-proxy | trained floats | "
+                  "effective bits | minutes |", "|---|---|---|---|---|---|---|---|---|"]
+        fid_by: dict[str, dict[int, float]] = {}
+        for r in RECIPES:
+            recs = runs.get((b, r))
+            if not recs:
+                continue
+            fid_by[r] = {s: _fid(rec) for s, rec in recs.items()}
+            ev = [rec["summary"]["eval"]["student"] for rec in recs.values()]
+            mean = sum(fid_by[r].values()) / len(ev)
+            fid = f"{mean:.1f}" + (f" [{' / '.join(f'{v:.1f}' for v in fid_by[r].values())}]" if len(ev) > 1 else "")
+            agr = sum(e["agreement"] for e in ev) / len(ev)
+            isp = sum(e["is_proxy"] for e in ev) / len(ev)
+            rec0 = next(iter(recs.values()))
+            trained = rec0["summary"].get("trainable_params")
+            ratio = f"{mean / teacher:.1f}x" if teacher else "-"
+            mins = sum(rec["seconds"] for rec in recs.values()) / len(ev) / 60
+            lines.append(f"| {r} | {RECIPES[r]} | {fid} | {ratio} | {agr:.3f} | {isp:.2f} | "
+                         f"{trained if trained is not None else '-'} | "
+                         f"{rec0['summary']['size']['effective_bits']:.3f} | {mins:.1f} |")
+        lines.append("")
+        winner, why = choose(fid_by)
+        lines.append(f"Default by the rule (lowest mean, within {TOLERANCE:.0%} of the best on every seed): "
+                     f"**{winner or 'none'}** ({why}).")
+        if winner and teacher:
+            ratio = sum(fid_by[winner].values()) / len(fid_by[winner]) / teacher
+            lines.append(f"Against the target: {ratio:.1f}x the teacher's FID-proxy vs at most {mult}x: "
+                         + ("met." if ratio <= mult else f"missed by a factor {ratio / mult:.1f}."))
+        if "frozen" in fid_by:
+            verdicts = []
+            for r in REASSIGNING:
+                if r in fid_by and sorted(fid_by[r]) == sorted(fid_by["frozen"]):
+                    wins = sum(fid_by[r][s] < fid_by["frozen"][s] for s in fid_by[r])
+                    verdicts.append(f"{r} beats frozen codes on {wins} of {len(fid_by[r])} seed(s)")
+            if verdicts:
+                lines.append("Reassigning codes vs frozen codes: " + "; ".join(verdicts) + ".")
+        lines.append("")
+    lines += [f"![FID-proxy per recipe]({fig.name})", ""]
+    return write_text_atomic("\n".join(lines), out)

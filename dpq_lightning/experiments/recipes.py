@@ -1,0 +1,76 @@
+"""The calibration-recipe comparison: ``configs/mini/recipes/dpq_<b>bit_<recipe>.yaml`` through
+``train.py``'s path (:func:`.runner.run_entries`), and the rule that picks the default.
+
+Every recipe file is the miniature's ``configs/mini/dpq_<b>bit.yaml`` (same model, size
+arithmetic, 400 steps and evaluation) with only its ``calib`` (or ``data``) keys changed, so a
+difference between two rows is the recipe's. All recipes of one bit level share one stage 1 per
+seed (the runner copies ``stage1.dpq`` between runs with the same key).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from .runner import Entry, run_entries, write_meta
+
+BITS = (1, 2)
+# name -> what it changes (the config's comment says why). Running order: the most telling first.
+RECIPES = {
+    "frozen": "codes frozen, pool trains",
+    "output_aware": "all codes re-chosen (output-aware) every 100 steps",
+    "limited_1pct": "<= 1% of codes per pass, every 25 steps",
+    "floats": "codes frozen, + biases/norms/float tensors",
+    "distill": "codes frozen, + final-output distillation",
+    "soft": "top-3 candidates with learned ratios, hardened",
+    "soft_hold": "as soft, pool held until 99% locked, sharpened",
+    "limited_10pct": "<= 10% of codes per pass, every 25 steps",
+    "limited_0p1pct": "<= 0.1% of codes per pass, every 25 steps",
+    "rec_only": "codes frozen, block reconstruction only",
+    "teacher_data": "codes frozen, teacher's samples as data",
+    "t_error": "codes frozen, t drawn where block error is largest",
+}
+REASSIGNING = ("output_aware", "limited_1pct", "limited_10pct", "limited_0p1pct", "soft", "soft_hold")
+TOLERANCE = 0.10  # the default may lose to a seed's best recipe by at most this much
+
+
+def recipe_config(configs: Path, bits: int, recipe: str) -> Path:
+    return configs / "recipes" / f"dpq_{bits}bit_{recipe}.yaml"
+
+
+def entries(configs: Path, bits: tuple[int, ...] = BITS, recipes: tuple[str, ...] | None = None) -> list[Entry]:
+    names = recipes or tuple(RECIPES)
+    unknown = [r for r in names if r not in RECIPES]
+    if unknown:
+        raise ValueError(f"unknown recipe {unknown[0]!r}; known: {', '.join(RECIPES)}")
+    return [Entry(f"dpq_{b}bit_{r}", recipe_config(configs, b, r), {"recipe": r, "bits": b, "scheme": "DPQ"})
+            for b in bits for r in names]
+
+
+def run_recipes(seed: int, configs: Path, runs: Path, results: Path, overrides: list[str] | None = None,
+                bits: tuple[int, ...] = BITS, recipes: tuple[str, ...] | None = None,
+                log: Callable[[str], None] = print) -> Path:
+    """Every recipe at every bit level for ``seed``; ``results/seed<S>/recipes.json`` holds the cost."""
+    todo = entries(configs, bits, recipes)
+    records = run_entries(todo, seed, runs, results, overrides, log)
+    dest = results / f"seed{seed}"
+    write_meta(dest, seed, [e.name for e in todo], records, overrides, "recipes.json")
+    return dest
+
+
+def choose(fid: dict[str, dict[int, float]], tolerance: float = TOLERANCE) -> tuple[str | None, str]:
+    """The default by the evidence: the lowest mean FID-proxy over seeds among the recipes that
+    lose to no seed's best recipe by more than ``tolerance``. ``fid[recipe][seed]``; only recipes
+    measured on every seed compete. Returns ``(recipe or None, why)``."""
+    seeds = sorted(set().union(*(s.keys() for s in fid.values()))) if fid else []
+    full = {r: v for r, v in fid.items() if sorted(v) == seeds}
+    if not full:
+        return None, "no recipe was measured on every seed"
+    best = {s: min(v[s] for v in full.values()) for s in seeds}
+    mean = {r: sum(v.values()) / len(v) for r, v in full.items()}
+    for r in sorted(full, key=mean.get):
+        worst = max(full[r][s] / best[s] - 1 for s in seeds)
+        if worst <= tolerance + 1e-9:  # "by more than": exactly 10% is allowed
+            return r, (f"lowest mean FID-proxy ({mean[r]:.1f}) among the recipes within {tolerance:.0%} of every "
+                       f"seed's best (worst seed: +{worst:.0%})")
+    return None, f"every recipe loses to some seed's best by more than {tolerance:.0%}"

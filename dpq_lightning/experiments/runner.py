@@ -1,0 +1,162 @@
+"""Run a list of configs through ``train.py``'s own path, one seed at a time, resumably.
+
+Shared by the ablation grid (:mod:`.grid`) and the calibration-recipe comparison
+(:mod:`.recipes`). Each entry is one YAML file and one call of :func:`dpq_lightning.jobs.run.run`
+(what ``train.py`` calls) with ``seed=S quant.seed=S`` into ``<runs>/seed<S>/<name>/``; its
+``summary.json`` is copied, with the resolved config and the run's own time, to
+``<results>/seed<S>/<name>.json``, the file reports are rendered from. An entry whose record
+already exists for the same resolved config is skipped, so an interrupted list resumes where it
+stopped. A run whose stage 1 (same quantization config, teacher and seed: the key of
+:func:`dpq_lightning.jobs.stage1.stage1_key`) was already computed by an earlier entry starts from a copy
+of that ``stage1.dpq``, so k-means runs once per distinct stage 1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..atomic import write_json_atomic
+
+# Tiny counts for a smoke run (the commands' --quick, the tests): a few calibration steps, few samples and steps.
+QUICK = ["trainer.max_steps=4", "trainer.ckpt_every_n_steps=2", "calib.assign_every=2", "eval.num_samples=40",
+         "eval.sampling_steps=4", "eval.trajectory_steps=4", "quant.kmeans_iters=2", "quant.pool.iters=2",
+         "data.teacher_samples=128", "data.teacher_steps=2"]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One run of a list: its name (the record's file stem), its config and what the report
+    needs to know about it (scheme, bits, recipe, ...), stored in the record as is."""
+
+    name: str
+    config: Path
+    meta: dict = field(default_factory=dict, hash=False, compare=False)
+
+
+def resolved(entry: Entry, out: Path, seed: int, overrides: list[str]):
+    from ..config import load_config
+
+    if not entry.config.is_file():
+        raise FileNotFoundError(f"{entry.name}: no config {entry.config}")
+    return load_config(entry.config, [f"output_dir={out}", f"seed={seed}", f"quant.seed={seed}", *overrides])
+
+
+def share_stage1(key: str, seed_dir: Path, out: Path) -> bool:
+    """Copy the first ``stage1.dpq`` under ``seed_dir/*/`` whose key is ``key`` into ``out``; the
+    run's own key check then loads it (and would recompute a mismatch, never use it)."""
+    from ..jobs.stage1 import STAGE1_FILE
+
+    for key_file in sorted(seed_dir.glob("*/stage1.key")):
+        src = key_file.parent
+        if src != out and key_file.read_text().strip() == key and (src / STAGE1_FILE).is_file():
+            out.mkdir(parents=True, exist_ok=True)
+            for name in (STAGE1_FILE, "stage1.key"):
+                shutil.copy2(src / name, out / name)
+            return True
+    return False
+
+
+def run_entries(entries: list[Entry], seed: int, runs: Path, results: Path, overrides: list[str] | None = None,
+                log: Callable[[str], None] = print, measure_teacher_once: bool = True) -> list[dict]:
+    """Run every entry for ``seed``; return their records (also those skipped as done).
+    ``overrides`` go to every entry; with ``measure_teacher_once`` only the first measures the
+    teacher (its numbers do not depend on the entry)."""
+    from ..config import to_yaml
+    from ..jobs.run import run
+    from ..jobs.stage1 import stage1_key
+
+    dest, seed_dir = results / f"seed{seed}", runs / f"seed{seed}"
+    dest.mkdir(parents=True, exist_ok=True)
+    started, records = time.time(), []
+    for i, entry in enumerate(entries):
+        extra = list(overrides or []) + ([] if i == 0 or not measure_teacher_once else ["eval.final_teacher=false"])
+        out, target = seed_dir / entry.name, dest / f"{entry.name}.json"
+        cfg = resolved(entry, out, seed, extra)
+        cfg_text = to_yaml(cfg)
+        head = f"[{i + 1}/{len(entries)}] seed {seed} {entry.name}"
+        if target.is_file() and json.loads(target.read_text()).get("config") == cfg_text:
+            log(f"{head}: done before, skipped")
+            records.append(json.loads(target.read_text()))
+            continue
+        t0 = time.time()
+        if out.exists():
+            shutil.rmtree(out)  # a half-finished run of another config: start it clean
+        share_stage1(stage1_key(cfg), seed_dir, out)
+        summary = run(cfg)
+        teacher = cfg.model.checkpoint
+        record = {"name": entry.name, **entry.meta, "seed": seed, "seconds": round(time.time() - t0, 1),
+                  "teacher": teacher, "teacher_sha256": sha256_of(teacher), "config": cfg_text, "summary": summary}
+        write_json_atomic(record, target)
+        records.append(record)
+        ev = summary.get("eval", {}).get("student", {})
+        log(f"{head}: FID-proxy {ev.get('fid_proxy', float('nan')):.1f}, agreement {ev.get('agreement', float('nan')):.3f}, "
+            f"{summary['size']['effective_bits']:.3f} effective bits, {record['seconds']:.0f} s "
+            f"(so far {(time.time() - started) / 60:.1f} min)")
+    return records
+
+
+def write_meta(dest: Path, seed: int, names: list[str], records: list[dict], overrides: list[str] | None,
+               file: str) -> dict:
+    """``dest/<file>``: the list's cost (the runs' own times, also when resumed), machine, date."""
+    meta = {"seed": seed, "cell_seconds": round(sum(r["seconds"] for r in records), 1), "machine": machine(),
+            "date": time.strftime("%Y-%m-%d"), "cells": names, "overrides": list(overrides or [])}
+    write_json_atomic(meta, dest / file)
+    return meta
+
+
+def sha256_of(path: str | None) -> str | None:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path and Path(path).is_file() else None
+
+
+def machine() -> str:
+    """e.g. '2 CPU cores (AMD EPYC 9B14), 2 torch threads': what the times were measured on."""
+    import os
+    import platform
+
+    import torch
+
+    name = platform.processor() or "CPU"
+    try:
+        name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{os.cpu_count()} CPU cores ({name}), {torch.get_num_threads()} torch threads"
+
+
+def list_parser(doc: str, root: Path, results: str, runs: str):
+    """The options every experiment-list command shares (``scripts/grid.py``, ``scripts/recipes.py``):
+    ``--seed``, ``--report``, ``--quick``, where configs, results, runs and the report live, threads,
+    and ``key=value`` overrides for every run."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seed", type=int, help="run the list for this seed (k-means and calibration)")
+    p.add_argument("--report", action="store_true", help="render the report from --results")
+    p.add_argument("--quick", action="store_true", help="tiny counts (smoke run; never for the docs)")
+    p.add_argument("--configs", type=Path, default=root / "configs")
+    p.add_argument("--results", type=Path, default=root / "docs" / results)
+    p.add_argument("--runs", type=Path, default=root / "runs" / runs)
+    p.add_argument("--out", type=Path, default=None, help="report path (default: <results>.md)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("overrides", nargs="*", help="key=value overrides for every run")
+    return p
+
+
+def run_then_report(args, run: Callable[[list[str]], object], report: Callable[[Path], Path]) -> int:
+    """A list command's body: ``run(overrides)`` for ``--seed`` (tiny counts with ``--quick``),
+    then ``report(path)`` (also alone with ``--report``)."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.seed is not None:
+        run((QUICK if args.quick else []) + list(args.overrides))
+        args.report = True
+    if args.report:
+        print(f"wrote {report(args.out or args.results.with_suffix('.md'))}")
+    return 0

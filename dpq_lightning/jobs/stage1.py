@@ -1,0 +1,120 @@
+"""Stage 1 as a job: quantize the full-precision model once, save the packed file and its report.
+
+One job for every caller: :func:`stage1_once` is what ``train.py`` (through
+:func:`dpq_lightning.jobs.run.run`, before calibration) and ``dpq quantize`` (:func:`run_stage1`) run.
+
+Distributed runs: stage 1 is computed once. Rank 0 writes ``OUTPUT_DIR/stage1.dpq`` (atomically,
+with a key of the quantization config and the teacher source); other ranks, and the processes
+Lightning's DDP launcher re-executes, wait for that file and load it, so every rank starts from
+identical codes and codebooks without running k-means itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..atomic import write_json_atomic, write_text_atomic
+from ..config import RunConfig, save_resolved
+from ..distributed import is_first_process
+from ..models import build_model
+from ..packed import load_packed, save_packed
+from ..quant import QuantConfig, SizeReport, quantize_, report_of
+from ..quant.state import state_of
+
+STAGE1_FILE = "stage1.dpq"
+
+
+def quantize_with_progress(model: torch.nn.Module, quant: QuantConfig, device: str | None = None) -> SizeReport:
+    """``quantize_`` with a progress bar over layers (k-means is the long part)."""
+    bar = tqdm(total=None, desc="stage 1: k-means", unit="layer", dynamic_ncols=True)
+
+    def progress(name: str, i: int, n: int) -> None:
+        bar.total = n
+        bar.n = i
+        bar.set_postfix_str(name, refresh=True)
+
+    try:
+        report = quantize_(model, quant, device=device, progress=progress)
+        bar.n = bar.total or 0
+        bar.refresh()
+    finally:
+        bar.close()
+    return report
+
+
+def predict_size(cfg: RunConfig) -> SizeReport:
+    """The size report ``cfg`` would give, from shapes alone (a meta-device model: no weights, no
+    k-means). ``dpq plan`` prints it; the miniature's arithmetic table compares two of them."""
+    from ..models.registry import build_dit, resolve_config
+    from ..quant import predict_report
+
+    with torch.device("meta"):
+        model = build_dit(resolve_config(cfg.model.name, **cfg.model.arch))
+    return predict_report(model, cfg.quant)
+
+
+def stage1_key(cfg: RunConfig) -> str:
+    """What stage 1 depends on (quantization config, model, seed, the teacher file's size and
+    time), hashed: a ``stage1.dpq`` is reused only under the same key."""
+    m = cfg.model
+    src = {"quant": cfg.quant.to_dict(), "model": m.name, "arch": dict(m.arch), "seed": cfg.seed}
+    for path in (m.checkpoint, m.pretrained):
+        if path and Path(path).exists():
+            st = Path(path).stat()
+            src[str(path)] = [st.st_size, int(st.st_mtime)]
+        elif path:
+            src[str(path)] = "hub"
+    return hashlib.sha256(json.dumps(src, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def stage1_once(cfg: RunConfig, teacher: torch.nn.Module, out: Path, wait_s: float = 3600.0) -> torch.nn.Module:
+    """The stage-1 student: loaded from ``out/stage1.dpq`` if its key matches, computed by rank 0
+    otherwise (other ranks wait for it)."""
+    import copy
+
+    path, key_file = out / STAGE1_FILE, out / "stage1.key"
+    key = stage1_key(cfg)
+    ready = lambda: path.is_file() and key_file.is_file() and key_file.read_text().strip() == key  # noqa: E731
+    was_ready = ready()
+    if not was_ready:
+        if is_first_process():
+            student = copy.deepcopy(teacher)  # before the teacher is frozen: same learnable set
+            report = quantize_with_progress(student, cfg.quant)
+            save_packed(student, path)
+            print(f"stage 1 written to {path}")
+            write_text_atomic(key, key_file)
+            write_json_atomic({"summary": report.summary(), **report.to_dict()}, out / "report_stage1.json", indent=2)
+            print(report.table(per_param=False))
+        else:
+            t0 = time.time()
+            while not ready():
+                if time.time() - t0 > wait_s:
+                    raise TimeoutError(f"{path} did not appear within {wait_s:.0f} s")
+                time.sleep(2)
+    loaded = load_packed(path)
+    if is_first_process() and not was_ready:
+        state_of(loaded).kmeans_ran_here = True  # recorded in the fingerprint: k-means ran in this process
+    return loaded
+
+
+def run_stage1(cfg: RunConfig) -> tuple[torch.nn.Module, SizeReport, Path]:
+    """``dpq quantize``: the stage-1 job of :func:`dpq_lightning.jobs.run.run` alone (teacher, then
+    :func:`stage1_once` into ``cfg.output_dir``: ``stage1.dpq``, ``stage1.key``,
+    ``report_stage1.json``) plus the resolved ``config.yaml`` and ``report.txt``."""
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_resolved(cfg, out / "config.yaml")
+    m = cfg.model
+    teacher = build_model(m.name, m.arch, m.checkpoint, m.pretrained, m.random_init)
+    student = stage1_once(cfg, teacher, out)
+    report = report_of(student)
+    write_text_atomic(report.table(), out / "report.txt")
+    return student, report, out / STAGE1_FILE

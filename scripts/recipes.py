@@ -1,0 +1,41 @@
+"""The calibration-recipe comparison on the digits miniature, one command per seed, and its report.
+
+    python scripts/recipes.py --seed 0                 # every recipe at 1 and 2 bits (~4-5 min a run)
+    python scripts/recipes.py --seed 0 --bits 1 --recipes frozen floats   # a subset
+    python scripts/recipes.py --report                 # re-render docs/results-recipes.md
+    python scripts/recipes.py --seed 0 --quick --results /tmp/r --runs /tmp/r/runs   # tiny counts (smoke)
+
+Resumable per run (a run whose result file exists for the same resolved config is skipped); one
+progress line per run. The logic lives in ``dpq_lightning.experiments.recipes``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dpq_lightning.experiments.recipes import BITS, RECIPES
+    from dpq_lightning.experiments.runner import list_parser, run_then_report
+
+    p = list_parser(__doc__, ROOT, "results-recipes", "recipes-mini")
+    p.add_argument("--bits", type=int, nargs="+", default=list(BITS))
+    p.add_argument("--recipes", nargs="+", default=None, choices=list(RECIPES), help="a subset, in this order")
+    args = p.parse_args(argv)
+    if args.seed is None and not args.report:
+        p.error("give --seed S or --report")
+    from dpq_lightning.experiments.recipe_report import write_report
+    from dpq_lightning.experiments.recipes import run_recipes
+
+    recipes = tuple(args.recipes) if args.recipes else None
+    return run_then_report(
+        args, lambda overrides: run_recipes(args.seed, args.configs / "mini", args.runs, args.results, overrides,
+                                            tuple(args.bits), recipes),
+        lambda out: write_report(args.results, out))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
