@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from dpq_lightning.data import DataError, validate_shards
     from dpq_lightning.data import extract as ex
     from dpq_lightning.distributed import local_index
+    from dpq_lightning.models.vae import VAEError, load_vae
 
     try:
         if args.merge:
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         if device == "cuda" and world > 1:
             device = f"cuda:{local_index(default=rank)}"
         vae_name = args.vae or ("custom" if args.vae_path else "ema")
-        vae = ex.load_vae(args.vae or "ema", args.vae_path, device)
+        vae = load_vae(args.vae or "ema", args.vae_path, device)
         target = ex.extract_latents(
             args.root, args.out, vae, vae_name=vae_name, rank=rank, world_size=world,
             image_size=args.image_size, flip=args.flip, batch_size=args.batch_size, device=device,
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite, progress=not args.no_progress,
         )
         meta = validate_shards(target)
-    except DataError as err:
+    except (DataError, VAEError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"rank {rank}/{world}: wrote {meta['count']} latents {meta['shape']} to {target}")

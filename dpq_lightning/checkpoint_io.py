@@ -1,5 +1,5 @@
-"""Lightning checkpoints: written so that a kill mid-write never leaves a damaged file, and
-found again on resume (:func:`resume_path`).
+"""Lightning checkpoints written so that a kill mid-write never leaves a damaged file (finding
+them again on resume: :func:`dpq_lightning.callbacks.requeue.resume_path`).
 
 Lightning's own writer serialises to memory and moves a temp file from the system temp folder
 into place; when that folder is on another filesystem (node-local ``/tmp`` on a cluster, the run
@@ -12,7 +12,6 @@ intact and the one temp file, which the next write replaces.
 from __future__ import annotations
 
 import io
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,35 +27,3 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         buf = io.BytesIO()
         torch.save(checkpoint, buf)
         write_bytes_atomic(buf.getvalue(), path)
-
-
-def _hpc_number(path: Path) -> int:
-    try:
-        return int(path.stem.rsplit("_", 1)[1])
-    except (IndexError, ValueError):
-        return -1
-
-
-def _complete(path: Path) -> bool:
-    """A torch checkpoint is a zip archive whose directory is written last: a truncated file
-    (e.g. copied by another writer and killed mid-copy) has none."""
-    import zipfile
-
-    return zipfile.is_zipfile(path)
-
-
-def resume_path(resume: str, out: Path) -> str | None:
-    if resume == "never":
-        return None
-    if resume == "auto":
-        # The newest complete checkpoint: a SLURM requeue checkpoint (hpc_ckpt_N.ckpt in
-        # output_dir, written by a preempted run; an explicit ckpt_path makes Lightning skip its
-        # own hpc lookup, and a periodic last.ckpt is usually older than the preemption), last.ckpt
-        # or a periodic step*.ckpt (newer than last.ckpt when a kill hit last.ckpt's write).
-        found = sorted((p for p in out.glob("hpc_ckpt_*.ckpt") if p.is_file()), key=_hpc_number)[-1:]
-        found += [p for p in (out / "checkpoints").glob("*.ckpt") if p.is_file()]
-        found = [p for p in found if _complete(p)]
-        return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
-    if not Path(resume).is_file():
-        raise FileNotFoundError(f"trainer.resume: checkpoint {resume} not found")
-    return resume

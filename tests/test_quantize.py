@@ -109,15 +109,15 @@ def test_bad_inputs_give_named_errors(small_dit):
     assert not any(isinstance(m, PQ_MODULES) for m in small_dit.modules())
 
 
-def test_impossible_budget_fails_before_kmeans(small_dit, monkeypatch):
-    import dpq_lightning.quant.quantize as q
+def test_impossible_budget_fails_before_kmeans(small_dit):
+    from dpq_lightning.quant.quantize import Stage1Ops
 
     def boom(*a, **k):
         raise AssertionError("k-means ran")
 
-    monkeypatch.setattr(q, "kmeans", boom)
     with pytest.raises(BudgetError):
-        quantize_(small_dit, scheme(1, pool={"enabled": True}, budget={"target_bits": 1.0}))
+        quantize_(small_dit, scheme(1, pool={"enabled": True}, budget={"target_bits": 1.0}),
+                  ops=Stage1Ops(kmeans=boom, build_pool=boom, nearest=boom))
 
 
 def test_pool_meets_budget_and_matches_prediction(small_dit, probe_inputs):
@@ -170,11 +170,21 @@ def test_failed_save_keeps_previous_file(small_dit, tmp_path, monkeypatch):
     before = path.read_bytes()
     import dpq_lightning.atomic as atomic
 
-    def broken(tmp, data):
-        open(tmp, "wb").write(data[:100])  # half-written, then the disk is full
-        raise OSError("disk full")
+    class DiskFull:  # what atomic.write_with opens: writes 100 bytes, then the disk is full
+        def __init__(self, path, mode):
+            self.f = open(path, mode)
 
-    monkeypatch.setattr(atomic, "_write", broken)
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(data[:100])
+            raise OSError("disk full")
+
+    monkeypatch.setattr(atomic, "open", DiskFull, raising=False)  # a module global shadows the builtin
     with pytest.raises(OSError, match="disk full"):
         save_packed(small_dit, path)
     assert path.read_bytes() == before

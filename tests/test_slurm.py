@@ -241,7 +241,7 @@ def test_preemption_saves_requeues_and_resumes_to_the_same_state(uninterrupted):
             problems.append(
                 f"the requeued run resumed at step {facts['resumed_at_step']}, before the preemption checkpoint's "
                 f"step {ckpt['global_step']}: work was lost. trainer.resume=auto passes checkpoints/last.ckpt to "
-                "fit(), which overrides Lightning's hpc_ckpt restore (dpq_lightning/checkpoint_io.py resume_path must "
+                "fit(), which overrides Lightning's hpc_ckpt restore (dpq_lightning/callbacks/requeue.py resume_path must "
                 "prefer the newer hpc_ckpt_N.ckpt)")
     f0, f1 = fingerprints(out) if (out / "fingerprints" / "rank1.json").is_file() else ({}, {})
     ref = fingerprints(uninterrupted["out"])[0]["sha256"]

@@ -24,7 +24,7 @@ from .grid import SampleGridCallback, make_grid
 from .loggers import make_logger
 from .proxy import ProxyMetricsCallback
 from .report import CompressionReportCallback
-from .requeue import RequeueAtStepEnd
+from .requeue import RequeueAtStepEnd, resume_path
 from .trajectory import BlockErrorTrajectoryCallback, plot_block_errors
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "build_callbacks",
     "make_grid",
     "make_logger",
+    "resume_path",
     "plot_block_errors",
 ]
 

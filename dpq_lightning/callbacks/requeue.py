@@ -1,9 +1,11 @@
-"""SLURM preemption handled at a step boundary (see :class:`RequeueAtStepEnd`)."""
+"""Preemption and resume: SLURM's requeue signal handled at a step boundary
+(:class:`RequeueAtStepEnd`), and the checkpoint a run resumes from (:func:`resume_path`)."""
 
 from __future__ import annotations
 
 import signal
 import threading
+from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
 
@@ -43,3 +45,35 @@ class RequeueAtStepEnd(Callback):
         if trainer.strategy.reduce_boolean_decision(self._signalled, all=False):
             self._signalled = False
             self._handler(self._signum, None)
+
+
+def _hpc_number(path: Path) -> int:
+    try:
+        return int(path.stem.rsplit("_", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def _complete(path: Path) -> bool:
+    """A torch checkpoint is a zip archive whose directory is written last: a truncated file
+    (e.g. copied by another writer and killed mid-copy) has none."""
+    import zipfile
+
+    return zipfile.is_zipfile(path)
+
+
+def resume_path(resume: str, out: Path) -> str | None:
+    if resume == "never":
+        return None
+    if resume == "auto":
+        # The newest complete checkpoint: a SLURM requeue checkpoint (hpc_ckpt_N.ckpt in
+        # output_dir, written by a preempted run; an explicit ckpt_path makes Lightning skip its
+        # own hpc lookup, and a periodic last.ckpt is usually older than the preemption), last.ckpt
+        # or a periodic step*.ckpt (newer than last.ckpt when a kill hit last.ckpt's write).
+        found = sorted((p for p in out.glob("hpc_ckpt_*.ckpt") if p.is_file()), key=_hpc_number)[-1:]
+        found += [p for p in (out / "checkpoints").glob("*.ckpt") if p.is_file()]
+        found = [p for p in found if _complete(p)]
+        return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
+    if not Path(resume).is_file():
+        raise FileNotFoundError(f"trainer.resume: checkpoint {resume} not found")
+    return resume

@@ -119,17 +119,6 @@ def image_seed(seed: int, index: int, flipped: bool) -> int:
     return (seed * 1_000_003 + 2 * index + int(flipped)) % (2**63)
 
 
-def load_vae(vae: str | None = "ema", vae_path: str | None = None, device: str | torch.device = "cpu"):
-    """:func:`dpq_lightning.models.vae.load_vae`, its errors as :class:`ExtractError`."""
-    from ..models.vae import VAEError
-    from ..models.vae import load_vae as load
-
-    try:
-        return load(vae, vae_path, device)
-    except VAEError as err:
-        raise ExtractError(str(err)) from err
-
-
 class _ImageFiles(torch.utils.data.Dataset):
     """``(global index, path, label)`` triples -> ``(image [3,S,S], label, global index)``."""
 

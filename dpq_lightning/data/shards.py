@@ -164,14 +164,21 @@ def write_shards(
             "source": source,
             **dict(extra_meta or {}),
         }
-        for name, text in (extra_files or {}).items():
-            (tmp_dir / name).write_text(text)
-        write_json_atomic(meta, tmp_dir / META_NAME, indent=1, newline=True, sort_keys=True)
-        _publish(tmp_dir, out_dir, overwrite)
+        _publish_with_meta(tmp_dir, out_dir, meta, extra_files, overwrite)
     finally:
         if tmp_dir.exists():
             shutil.rmtree(tmp_dir, ignore_errors=True)
     return meta
+
+
+def _publish_with_meta(tmp_dir: Path, out_dir: Path, meta: dict, extra_files: Mapping[str, str] | None,
+                       overwrite: bool) -> None:
+    """The last steps of every shard writer: extra files and the meta into the temp folder, then
+    the folder swapped into place."""
+    for name, text in (extra_files or {}).items():
+        (tmp_dir / name).write_text(text)
+    write_json_atomic(meta, tmp_dir / META_NAME, indent=1, newline=True, sort_keys=True)
+    _publish(tmp_dir, out_dir, overwrite)
 
 
 def merge_shards(
@@ -215,10 +222,7 @@ def merge_shards(
             meta["source"] = source
         meta.pop("rank", None)
         meta.pop("world_size", None)
-        for name, text in (extra_files or {}).items():
-            (tmp_dir / name).write_text(text)
-        write_json_atomic(meta, tmp_dir / META_NAME, indent=1, newline=True, sort_keys=True)
-        _publish(tmp_dir, out_dir, overwrite)
+        _publish_with_meta(tmp_dir, out_dir, meta, extra_files, overwrite)
     finally:
         if tmp_dir.exists():
             shutil.rmtree(tmp_dir, ignore_errors=True)

@@ -22,8 +22,8 @@ TRAJECTORY_SAMPLES = 16  # samples along the block-error trajectory (the callbac
 # Samples per sampling call. A performance knob, not part of the protocol for DDIM: every x_T is
 # drawn before the first chunk, so chunking changes only float rounding (DDPM's per-step noise
 # still comes from the generator chunk by chunk). 100 (x2 rows for guidance, 16 tokens each)
-# keeps a block's activations in cache: 1000 DDIM-25 samples of the hidden-288 teacher take 46 s
-# on 2 cores at 100 a call, 61 s at 500 (docs/benchmarks.md, "Evaluation chunk size").
+# keeps more of a block's activations in cache: 0.90x the time of 500 a call (median; min 0.82x)
+# for DDIM-25 samples of the hidden-288 teacher on 2 cores (docs/benchmarks.md, "Evaluation chunk size").
 SAMPLE_CHUNK = 100
 
 

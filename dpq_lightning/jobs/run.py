@@ -3,8 +3,8 @@
 An entry point module, wiring only: it sees the whole :class:`RunConfig` and hands each
 component its own section. ``train.py`` is a thin wrapper around :func:`run`. Where the parts
 live: stage 1 and its once-per-job cache in :mod:`.stage1`, the DataModule factory in
-:mod:`.data.factory`, the logger and the SLURM requeue callback in :mod:`.callbacks`, resume
-lookup in :mod:`.checkpoint_io`, the end of the run (export, final evaluation, summary) in
+:mod:`.data.factory`, the logger, the SLURM requeue callback and the resume lookup in
+:mod:`.callbacks`, kill-safe checkpoint writes in :mod:`.checkpoint_io`, the end of the run (export, final evaluation, summary) in
 :mod:`.export`.
 """
 
@@ -18,8 +18,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from ..calibration import DPQCalibration
-from ..callbacks import RequeueAtStepEnd, build_callbacks, make_logger
-from ..checkpoint_io import AtomicCheckpointIO, resume_path
+from ..callbacks import RequeueAtStepEnd, build_callbacks, make_logger, resume_path
+from ..checkpoint_io import AtomicCheckpointIO
 from ..config import RunConfig, TrainerConfig, save_resolved, to_yaml
 from ..data.factory import build_datamodule
 from ..distributed import is_first_process
