@@ -31,6 +31,12 @@ from .quant.geometry import to_groups
 from .quant.state import state_of
 from .quant.stats import InputMoments
 
+def relative_block_error(h_s: list[torch.Tensor], h_t: list[torch.Tensor]) -> torch.Tensor:
+    """``mean_b |h_s^b - h_t^b|^2 / |h_t^b|^2`` over the blocks (the loss's reconstruction term)."""
+    return torch.stack([(hs.float() - ht.float()).pow(2).sum() / ht.float().pow(2).sum().clamp_min(1e-12)
+                        for hs, ht in zip(h_s, h_t)]).mean()
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; training stops, the last good checkpoint is kept."""
 
@@ -146,8 +152,7 @@ class DPQCalibration(L.LightningModule):
                 x_t = self.schedule.q_sample(x0, t, noise)
                 self.teacher(x_t, t, y)
                 self.student(x_t, t, y)
-                err[i] = torch.stack([(hs.float() - ht.float()).pow(2).sum() / ht.float().pow(2).sum().clamp_min(1e-12)
-                                      for hs, ht in zip(self._rec_s.outputs, self._rec_t.outputs)]).mean()
+                err[i] = relative_block_error(self._rec_s.outputs, self._rec_t.outputs)
         finally:
             self.student.train(was)
         err = self._reduce_sum(err) / (self.trainer.world_size if self._trainer is not None else 1)
@@ -165,10 +170,7 @@ class DPQCalibration(L.LightningModule):
         h_t = list(self._rec_t.outputs)
         out_s = self.student(x_t, t, y)
         h_s = list(self._rec_s.outputs)
-        rec = torch.stack([
-            (hs.float() - ht.float()).pow(2).sum() / ht.float().pow(2).sum().clamp_min(1e-12)
-            for hs, ht in zip(h_s, h_t)
-        ]).mean()
+        rec = relative_block_error(h_s, h_t)
         mse, vb = ddpm_loss(self.schedule, out_s.float(), x0.float(), x_t.float(), t, noise.float())
         out = (out_s.float() - out_t.float()).pow(2).mean()
         c = self.cfg

@@ -30,11 +30,11 @@ from torch import Tensor, nn
 
 from ..atomic import write_json_atomic
 from ..diffusion import VAE_SCALE
-from .config import OfflineEvalConfig
 from ..distributed import gather_shards
 from ..models.vae import load_vae
-from .protocol import SamplingProtocol, rank_seed
 from ..sampling import model_shape, sample_batches
+from .config import OfflineEvalConfig
+from .protocol import SamplingProtocol, rank_seed
 
 # ------------------------------------------------------------------------------------- sampling
 

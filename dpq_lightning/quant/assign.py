@@ -32,6 +32,15 @@ def damped(H: torch.Tensor, damp: float) -> torch.Tensor:
     return H + damp * scale[:, None, None] * eye
 
 
+def group_moments(H: torch.Tensor, geo: Geometry, G: int) -> torch.Tensor:
+    """Each group's moments ``[G, gc, d, d]`` from the per-column-block ``H [M, d, d]``. Group g =
+    (row block, column-block block cbb) with cbb = g % (M / gc); it spans column blocks cbb*gc ..
+    cbb*gc + gc - 1, and its sub-vector n = r*gc + j sits in block cbb*gc + j."""
+    gc, M, d = geo.group_cols, geo.col_blocks, H.shape[-1]
+    cbb = torch.arange(G, device=H.device) % (M // gc)  # (G,)
+    return H.reshape(M // gc, gc, d, d)[cbb]
+
+
 def assign_output_aware(
     X: torch.Tensor,
     C: torch.Tensor,
@@ -51,12 +60,9 @@ def assign_output_aware(
     """
     G, N, d = X.shape
     K = C.shape[1]
-    gr, gc, M = geo.group_rows, geo.group_cols, geo.col_blocks
+    gr, gc = geo.group_rows, geo.group_cols
     X, C, H = X.float(), C.float(), H.float()
-    # Group g = (row block, column-block block cbb) with cbb = g % (M / gc); it spans column
-    # blocks cbb*gc .. cbb*gc + gc - 1, and its sub-vector n = r*gc + j sits in block cbb*gc + j.
-    cbb = torch.arange(G, device=X.device) % (M // gc)  # (G,)
-    Hg = H.reshape(M // gc, gc, d, d)[cbb]  # (G, gc, d, d)
+    Hg = group_moments(H, geo, G)  # (G, gc, d, d)
     HC = torch.einsum("gjde,gke->gjkd", Hg, C)  # (G, gc, K, d): H_j c_k
     Q = (HC * C.unsqueeze(1)).sum(-1)  # (G, gc, K): c_k^T H_j c_k
     Xr = X.reshape(G, gr, gc, d)  # (G, gr, gc, d)
@@ -77,8 +83,8 @@ def code_cost(X: torch.Tensor, C: torch.Tensor, codes: torch.Tensor, geo: Geomet
     diff = X.float() - torch.gather(C.float(), 1, codes.long().unsqueeze(-1).expand(G, N, d))  # (G, N, d)
     if H is None:
         return diff.pow(2).sum(-1)
-    gr, gc, M = geo.group_rows, geo.group_cols, geo.col_blocks
-    Hg = H.float().reshape(M // gc, gc, d, d)[torch.arange(G, device=X.device) % (M // gc)]  # (G, gc, d, d)
+    gr, gc = geo.group_rows, geo.group_cols
+    Hg = group_moments(H.float(), geo, G)  # (G, gc, d, d)
     diff = diff.reshape(G, gr, gc, d)
     return torch.einsum("grjd,gjde,grje->grj", diff, Hg, diff).reshape(G, N)
 
