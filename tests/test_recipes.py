@@ -74,3 +74,21 @@ def test_recipes_run_through_train_py_share_stage1_and_render(tmp_path, monkeypa
     assert md.count("| frozen | codes frozen, pool trains |") == 1 and "| teacher_data |" in md
     assert "Default by the rule" in md and "limited_1pct beats frozen codes on" in md
     assert (tmp_path / "recipes.png").stat().st_size > 1000
+
+
+def test_meta_of_a_seed_accumulates_over_lists(tmp_path):
+    """A 2-bit list run after a 1-bit list for the same seed keeps the 1-bit entries and their cost."""
+    from dpq_lightning.experiments.runner import write_meta
+
+    def record(name, seconds):
+        rec = {"name": name, "seconds": seconds}
+        (tmp_path / f"{name}.json").write_text(json.dumps(rec))
+        return rec
+
+    first = [record("dpq_1bit_frozen", 100.0), record("dpq_1bit_floats", 50.0)]
+    write_meta(tmp_path, 1, [r["name"] for r in first], first, None, "recipes.json")
+    second = [record("dpq_2bit_frozen", 30.0), record("dpq_1bit_floats", 60.0)]  # floats re-run: new time
+    meta = write_meta(tmp_path, 1, [r["name"] for r in second], second, None, "recipes.json")
+    assert meta["cells"] == ["dpq_1bit_frozen", "dpq_2bit_frozen", "dpq_1bit_floats"]
+    assert meta["cell_seconds"] == pytest.approx(190.0)
+    assert json.loads((tmp_path / "recipes.json").read_text()) == meta

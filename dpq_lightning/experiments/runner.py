@@ -103,9 +103,19 @@ def run_entries(entries: list[Entry], seed: int, runs: Path, results: Path, over
 
 def write_meta(dest: Path, seed: int, names: list[str], records: list[dict], overrides: list[str] | None,
                file: str) -> dict:
-    """``dest/<file>``: the list's cost (the runs' own times, also when resumed), machine, date."""
-    meta = {"seed": seed, "cell_seconds": round(sum(r["seconds"] for r in records), 1), "machine": machine(),
-            "date": time.strftime("%Y-%m-%d"), "cells": names, "overrides": list(overrides or [])}
+    """``dest/<file>``: the list's cost (the runs' own times, also when resumed), machine, date.
+    A list run later for the same seed with other entries (say 2 bits after 1 bit) adds its
+    entries to the file's: the cost is then the sum over every entry's record in ``dest``."""
+    seconds = {r["name"]: r["seconds"] for r in records}
+    if (dest / file).is_file():
+        before = json.loads((dest / file).read_text())
+        for old in before.get("cells", []):
+            if old not in seconds and (dest / f"{old}.json").is_file():
+                seconds[old] = json.loads((dest / f"{old}.json").read_text())["seconds"]
+        names = [n for n in before.get("cells", []) if n in seconds and n not in names] + list(names)
+    meta = {"seed": seed, "cell_seconds": round(sum(seconds[n] for n in names if n in seconds), 1),
+            "machine": machine(), "date": time.strftime("%Y-%m-%d"), "cells": names,
+            "overrides": list(overrides or [])}
     write_json_atomic(meta, dest / file)
     return meta
 
