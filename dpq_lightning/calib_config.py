@@ -24,6 +24,8 @@ class CalibConfig:
     soft_lr: float | None = None  # soft rule: learning rate of the ratios' logits (None: lr; VQ4DiT: 5e-2)
     soft_hold: float = 0.0  # soft rule: codebooks/pool stay still until this fraction is frozen (VQ4DiT: 0.99)
     soft_sharpen: float = 0.0  # soft rule: weight of mean r(1-r) over the ratios, in the second half of the steps
+    soft_tau_end: float = 1.0  # soft rule: ratios' temperature at the end of the annealing (1 = no annealing)
+    soft_anneal_frac: float = 0.75  # soft rule: tau falls geometrically 1 -> soft_tau_end over this fraction of the steps, then every code locks
     train_floats: bool = False  # also train biases/norms (and excluded weights) kept in float
     lr: float = 1e-4
     weight_decay: float = 0.0
@@ -46,6 +48,10 @@ class CalibConfig:
                              f"got {self.assign_fraction}")
         if not 0.0 <= self.soft_hold <= 1.0:
             raise ValueError(f"calib.soft_hold must be in [0, 1] (a fraction of frozen sub-vectors), got {self.soft_hold}")
+        if not 0.0 < self.soft_tau_end <= 1.0:
+            raise ValueError(f"calib.soft_tau_end must be in (0, 1] (1 = no annealing), got {self.soft_tau_end}")
+        if not 0.0 < self.soft_anneal_frac <= 1.0:
+            raise ValueError(f"calib.soft_anneal_frac must be in (0, 1], got {self.soft_anneal_frac}")
         if self.t_sampling not in ("uniform", "error"):
             raise ValueError(f"calib.t_sampling must be 'uniform' or 'error', got {self.t_sampling!r}")
         if not 0.0 <= self.label_dropout < 1.0:

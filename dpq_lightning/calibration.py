@@ -187,8 +187,18 @@ class DPQCalibration(L.LightningModule):
 
     @staticmethod
     def _soft_spread(w) -> torch.Tensor:
-        r = torch.softmax(w.soft_logits, dim=-1)  # (G, N, n)
+        r = w.soft_ratios()  # (G, N, n)
         return (r * (1 - r)).sum(-1).mean()
+
+    def soft_temperature(self, step: int) -> float:
+        """``soft_tau_end ** p``, p = step / (soft_anneal_frac * max_steps) capped at 1: a
+        geometric fall from 1, so the ratios sharpen at a steady rate and are (near) one-hot for
+        the last part of the run; from then on every sub-vector is locked to its argmax and the
+        codebooks adapt to the codes that will be stored (hardening then costs nothing)."""
+        return self.cfg.soft_tau_end ** min(1.0, step / self._anneal_span())
+
+    def _anneal_span(self) -> float:
+        return max(1.0, self.cfg.soft_anneal_frac * (self.max_steps or 1))
 
     def soft_frozen_fraction(self) -> float:
         frozen = sum(int(m.weight_pq.soft_frozen.sum()) for m in self._pq.values() if m.weight_pq.soft_logits is not None)
@@ -229,6 +239,17 @@ class DPQCalibration(L.LightningModule):
         # checkpoint saved at step k, so resuming from it redoes exactly this adjustment.
         rule = self.cfg.assignment
         step = self.global_step
+        if rule == "soft" and self.cfg.soft_tau_end < 1.0:
+            tau, done = self.soft_temperature(step), step >= self._anneal_span()
+            for m in self._pq.values():
+                w = m.weight_pq
+                if w.soft_logits is not None:
+                    w.soft_tau.fill_(tau)
+                    if done and not bool(w.soft_frozen.all()):
+                        # Annealing over: lock every sub-vector to its argmax (near-ties between
+                        # distinct codewords stay mixed at any temperature), so the rest of the run
+                        # trains the codebooks for exactly the codes that will be stored.
+                        w.soft_step(-1.0)
         if rule == "frozen" or step == 0 or step % self.cfg.assign_every != 0:
             return
         if rule == "soft":

@@ -19,7 +19,7 @@ Sharding: rank r of w (dpq_lightning.distributed's rule: torchrun's RANK/WORLD_S
 step's SLURM_PROCID/SLURM_STEP_NUM_TASKS, or rank=/world_size=) generates the samples i % w == r
 on cuda:<local rank> and writes them to shard_dir (a folder all ranks can reach); rank 0 merges
 them, scores, writes out (JSON, atomically) and npz (ADM format). No process group is needed.
-The protocol written to the JSON is the config's ``protocol()``.
+The protocol written to the JSON is the config's ``sampling_protocol()``.
 """
 
 from __future__ import annotations

@@ -405,3 +405,37 @@ def test_error_weighted_timesteps_follow_the_measured_block_error(trained_small_
     assert float(m.t_weights[:300].sum()) == 0.0
     with pytest.raises(ValueError, match="calib.t_sampling must be 'uniform' or 'error'"):
         CalibConfig(t_sampling="loss")
+
+
+def test_soft_temperature_annealing_makes_hardening_free(trained_small_dit):
+    """soft_tau_end: the ratios' temperature falls geometrically 1 -> tau_end over the first
+    soft_anneal_frac of the steps, then every sub-vector locks to its argmax, so the hardened weight
+    is the soft one exactly; without annealing the same 8 steps leave mixtures that hardening changes."""
+    x, y = load_digits_tensors()
+    gaps = {}
+    for tau_end in (1.0, 1e-3):
+        teacher = copy.deepcopy(trained_small_dit)
+        cfg = CalibConfig(lr=1e-3, assignment="soft", soft_candidates=3, soft_lr=5e-2, assign_every=100,
+                          soft_tau_end=tau_end, soft_anneal_frac=0.5)
+        m = DPQCalibration(student_of(teacher), teacher, cfg, max_steps=8)
+        m.setup("fit")
+        assert [m.soft_temperature(s) for s in (0, 2, 4, 8)] == pytest.approx(
+            [1.0, tau_end ** 0.5, tau_end, tau_end])
+        opt = m.configure_optimizers()["optimizer"]
+        for step in range(8):
+            m._trainer = SimpleNamespace(global_step=step, global_rank=0, world_size=1)
+            m.on_train_batch_start(None, 0)
+            losses = m.compute_losses(x[:64], y[:64])
+            opt.zero_grad()
+            losses["loss"].backward()
+            opt.step()
+        m._trainer = None
+        taus = [float(mod.weight_pq.soft_tau) for mod in m._pq.values()]
+        assert taus == pytest.approx([tau_end] * len(m._pq))
+        assert m.soft_frozen_fraction() == (1.0 if tau_end < 1 else 0.0)
+        with torch.no_grad():
+            soft = {n: mod.weight_pq().clone() for n, mod in m._pq.items()}
+            m.export_student()
+            gaps[tau_end] = max(float((mod.weight_pq() - soft[n]).abs().max() / soft[n].abs().max())
+                                for n, mod in m._pq.items())
+    assert gaps[1e-3] == 0.0 and gaps[1.0] > 1e-2

@@ -72,7 +72,7 @@ def test_recipes_run_through_train_py_share_stage1_and_render(tmp_path, monkeypa
     assert len(again) == 3 and all("skipped" in ln for ln in again)
     md = write_report(results, tmp_path / "recipes.md").read_text()
     assert md.count("| frozen | codes frozen, pool trains |") == 1 and "| teacher_data |" in md
-    assert "Default by the rule" in md and "limited_1pct beats frozen codes on" in md
+    assert "Default by the rule" in md and "limited_1pct beats frozen on" in md
     assert (tmp_path / "recipes.png").stat().st_size > 1000
 
 

@@ -57,7 +57,7 @@ def build_callbacks(eval_cfg: EvalConfig, decode_fn: Callable[[torch.Tensor], to
     cbs: list = [CompressionReportCallback(out_dir=out_dir)]
     if c.num_samples > 0:
         cbs.append(ProxyMetricsCallback(c.every_n_steps, c.num_samples, c.sampling_steps, c.cfg_scale, c.method,
-                                        c.seed, c.classifier_path))
+                                        c.seed, c.classifier_path, protocol=c.sampling_protocol()))
     if c.grid_per_class > 0:
         cbs.append(SampleGridCallback(c.every_n_steps, per_class=c.grid_per_class, steps=c.sampling_steps,
                                       cfg_scale=c.cfg_scale, method=c.method, seed=c.seed, decode_fn=decode_fn,

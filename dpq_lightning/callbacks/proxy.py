@@ -21,7 +21,7 @@ class ProxyMetricsCallback(PeriodicCallback):
     (``val/teacher_fid_proxy``, ...), so the gap to the teacher is visible (``val/fid_proxy_gap``).
 
     Distributed: every rank samples its share (indices ``i % world == rank``) of the run's
-    ``eval.protocol()`` (:func:`dpq_lightning.evaluation.offline.sample_n`: shuffled balanced labels, noise
+    ``eval.sampling_protocol()`` (:func:`dpq_lightning.evaluation.offline.sample_n`: shuffled balanced labels, noise
     from a generator seeded by ``(seed, rank)``); the shares are gathered to rank 0, which computes
     the metrics; the values are broadcast so ``trainer.callback_metrics`` agrees on every rank. The
     noise is the same at every evaluation (same seed), so successive values differ by the model only.
@@ -33,8 +33,9 @@ class ProxyMetricsCallback(PeriodicCallback):
     def __init__(self, every_n_steps: int | None = 200, num_samples: int = 500, steps: int = 50,
                  cfg_scale: float = 1.5, method: str = "ddim", seed: int = 0,
                  classifier_path: str = "checkpoints/digits_classifier.pt", batch_size: int = SAMPLE_CHUNK,
-                 teacher: bool = True, at_start: bool = True):
+                 teacher: bool = True, at_start: bool = True, protocol: SamplingProtocol | None = None):
         super().__init__(every_n_steps, at_start)
+        self._protocol = protocol  # the run's eval.sampling_protocol(); None: built from the arguments
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         self.num_samples, self.steps, self.cfg_scale, self.method = num_samples, steps, cfg_scale, method
@@ -80,27 +81,33 @@ class ProxyMetricsCallback(PeriodicCallback):
             self.history.append((trainer.global_step, m))
 
     # ---- the measurement -------------------------------------------------------------------
-    def protocol(self) -> SamplingProtocol:
-        """The run's ``eval.protocol()`` (shuffled labels, per-rank noise, no clipping)."""
+    def sampling_protocol(self) -> SamplingProtocol:
+        """The run's ``eval.sampling_protocol()`` if given, else the miniature's (``diffusers``:
+        shuffled labels, per-rank noise, no clipping) from the arguments."""
+        if self._protocol is not None:
+            return self._protocol
         return EvalConfig(num_samples=self.num_samples, sampling_steps=self.steps, cfg_scale=self.cfg_scale,
-                          method=self.method, seed=self.seed).protocol()
+                          method=self.method, seed=self.seed).sampling_protocol()
 
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule, model: torch.nn.Module) -> dict[str, float]:
         """Sample this rank's share (indices ``i % world == rank``), gather on rank 0, compute the
         proxy there; the same dict on every rank."""
-        from ..evaluation.offline import protocol_labels, sample_n
+        from ..evaluation.offline import sample_n
 
         world, rank, dev = trainer.world_size, trainer.global_rank, pl_module.device
-        proto = self.protocol()
+        proto = self.sampling_protocol()
         with eval_mode(model):
-            x, _, _ = sample_n(model, proto, batch_size=self.batch_size, rank=rank, world=world, device=dev)
-        labels = protocol_labels(proto, model.num_classes)
+            x, labels, _ = sample_n(model, proto, batch_size=self.batch_size, rank=rank, world=world, device=dev)
         if world == 1:
             return self.compute(x, labels)
         per = math.ceil(self.num_samples / world)  # equal shares for all_gather: pad the short ones
-        x = torch.cat([x, x.new_zeros((per - x.shape[0], *x.shape[1:]))]).to(dev)
-        x = pl_module.all_gather(x).cpu()  # (world, per, C, H, W): rank r holds samples r, r + world, ...
-        x = x.transpose(0, 1).reshape(world * per, *x.shape[2:])[: self.num_samples]  # back in index order
+
+        def gathered(t: torch.Tensor) -> torch.Tensor:  # rank r holds samples r, r + world, ...: back in index order
+            t = torch.cat([t, t.new_zeros((per - t.shape[0], *t.shape[1:]))]).to(dev)
+            t = pl_module.all_gather(t).cpu()  # (world, per, ...)
+            return t.transpose(0, 1).reshape(world * per, *t.shape[2:])[: self.num_samples]
+
+        x, labels = gathered(x), gathered(labels)
         metrics = None
         if trainer.is_global_zero:
             try:

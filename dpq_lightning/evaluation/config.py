@@ -1,14 +1,14 @@
 """Settings of evaluation, as plain dataclasses importable without Lightning: :class:`EvalConfig`
 (a run's ``eval`` section: the calibration callbacks and the final evaluation of the exported
 model) and :class:`OfflineEvalConfig` (``scripts/evaluate.py``: a YAML under ``configs/eval/`` plus
-``key=value``). Each gives its :class:`~dpq_lightning.evaluation.protocol.SamplingProtocol` with ``protocol()``.
+``key=value``). Each gives its :class:`~dpq_lightning.evaluation.protocol.SamplingProtocol` with ``sampling_protocol()``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .protocol import LABEL_RULES, NOISE_RULES, SamplingProtocol
+from .protocol import LABEL_RULES, NOISE_RULES, SamplingProtocol, preset
 
 FOLLOW = ("teacher", "student", "both")
 
@@ -36,6 +36,10 @@ class EvalConfig:
     periodic: bool = True  # the callbacks during calibration (at start, every_n_steps, at the end)
     final: bool = True  # after the run: proxy metrics + trajectory of the exported model -> summary.json "eval"
     final_teacher: bool = True  # ... and the teacher's proxy metrics under the same protocol
+    protocol: str = "diffusers"  # reference (facebookresearch/DiT) | diffusers (DiTPipeline): see evaluation.protocol
+    labels: str | None = None  # None: the protocol's (reference: uniform; diffusers: shuffled)
+    noise: str | None = None  # None: the protocol's (reference: reference; diffusers: per_rank)
+    batch_size: int = 32  # reference noise: samples per batch per rank (sample_ddp.py's --per-proc-batch-size)
 
     def __post_init__(self) -> None:
         if self.method not in ("ddim", "ddpm"):
@@ -52,11 +56,17 @@ class EvalConfig:
         if self.trajectory_steps > 1000:
             raise ValueError(f"eval.trajectory_steps must be <= 1000, got {self.trajectory_steps}")
 
-    def protocol(self) -> SamplingProtocol:
-        """The proxy metrics' samples: ``shuffled`` labels, ``per_rank`` noise, no clipping of the
-        predicted ``x_0`` (the samples are clamped to [-1, 1] before the metrics)."""
+    def sampling_protocol(self) -> SamplingProtocol:
+        """The proxy metrics' samples, no clipping of the predicted ``x_0`` (the samples are clamped
+        to [-1, 1] before the metrics). ``diffusers`` (the miniature's): ``shuffled`` labels,
+        ``per_rank`` noise; ``reference``: uniform labels and sample_ddp.py's seed and order."""
+        if self.protocol == "diffusers":
+            labels, noise = self.labels or "shuffled", self.noise or "per_rank"
+        else:
+            labels, noise = preset(self.protocol, self.labels, self.noise)
         return SamplingProtocol(self.num_samples, self.sampling_steps, self.cfg_scale, self.method, self.seed,
-                                clip_denoised=False, labels="shuffled", noise="per_rank")
+                                clip_denoised=False, labels=labels, noise=noise, convention=self.protocol,
+                                batch_size=self.batch_size if noise == "reference" else None)
 
 
 @dataclass
@@ -73,9 +83,10 @@ class OfflineEvalConfig:
     method: str = "ddim"  # ddim | ddpm
     seed: int = 0
     clip_denoised: bool | None = None  # None: on for the pixel-space proxy, off for latents (as DiT)
-    labels: str = "cyclic"  # cyclic | shuffled (see dpq_lightning.evaluation.protocol)
-    noise: str = "per_sample"  # per_sample | per_rank (see dpq_lightning.evaluation.protocol)
-    batch_size: int = 256  # samples per sampling call (per_sample noise: changes no DDIM sample)
+    protocol: str = "diffusers"  # reference (facebookresearch/DiT) | diffusers (DiTPipeline): see evaluation.protocol
+    labels: str | None = None  # cyclic | shuffled | uniform; None: the protocol's (reference: uniform; diffusers: cyclic)
+    noise: str | None = None  # per_sample | per_rank | reference; None: the protocol's (reference: reference; diffusers: per_sample)
+    batch_size: int = 256  # samples per sampling call (per_sample noise: changes no DDIM sample; reference: part of the protocol)
     classifier_path: str | None = None  # metric proxy (default checkpoints/digits_classifier.pt)
     vae_path: str | None = None  # metric inception: a diffusers AutoencoderKL folder
     ref: str | None = None  # metric inception: ADM reference .npz (arr_0 and/or mu/sigma), stats .npz or image folder
@@ -96,14 +107,18 @@ class OfflineEvalConfig:
             raise ValueError("teacher=... needs arch_json=... (e.g. checkpoints/digits_teacher.json)")
         if self.metric not in ("proxy", "inception"):
             raise ValueError(f"metric must be 'proxy' or 'inception', got {self.metric!r}")
-        if self.labels not in LABEL_RULES or self.noise not in NOISE_RULES:
+        if self.labels not in (None, *LABEL_RULES) or self.noise not in (None, *NOISE_RULES):
             raise ValueError(f"labels must be one of {LABEL_RULES} and noise one of {NOISE_RULES}, "
                              f"got {self.labels!r}, {self.noise!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        self.protocol()  # method, steps and counts are checked there
+        self.sampling_protocol()  # method, steps and counts are checked there
 
-    def protocol(self) -> SamplingProtocol:
+    def sampling_protocol(self) -> SamplingProtocol:
         clip = self.metric == "proxy" if self.clip_denoised is None else self.clip_denoised
+        if self.protocol == "diffusers":
+            labels, noise = self.labels or "cyclic", self.noise or "per_sample"
+        else:
+            labels, noise = preset(self.protocol, self.labels, self.noise)
         return SamplingProtocol(self.num_samples, self.steps, self.cfg_scale, self.method, self.seed, clip,
-                                self.labels, self.noise)
+                                labels, noise, self.protocol, self.batch_size)

@@ -2,7 +2,7 @@
 
 One function for every model a run produces (the stage-1 student, the calibrated student, the
 teacher), so the ablation grid, ``train.py`` and the periodic callbacks measure the same thing
-with the same seeds: the proxy metrics of :func:`proxy_evaluate` (the run's ``eval.protocol()``
+with the same seeds: the proxy metrics of :func:`proxy_evaluate` (the run's ``eval.sampling_protocol()``
 sampled by :func:`dpq_lightning.evaluation.offline.sample_n`, as the
 :class:`~dpq_lightning.callbacks.ProxyMetricsCallback` samples it, bit for bit) and the per-block error
 along one sampling trajectory (:func:`dpq_lightning.evaluation.trajectory.block_error_trajectory`, with the
@@ -38,7 +38,7 @@ def proxy_metrics_of(samples: torch.Tensor, labels: torch.Tensor, classifier: nn
 
 
 def proxy_evaluate(model: nn.Module, cfg: EvalConfig, classifier: nn.Module) -> dict[str, float]:
-    """The proxy metrics of ``model`` under ``cfg.protocol()`` in one process (rank 0's noise
+    """The proxy metrics of ``model`` under ``cfg.sampling_protocol()`` in one process (rank 0's noise
     stream, all samples): what the proxy callback computes in a single process, bit for bit."""
     from .offline import sample_n
 
@@ -46,7 +46,7 @@ def proxy_evaluate(model: nn.Module, cfg: EvalConfig, classifier: nn.Module) -> 
         raise ValueError(f"the proxy metrics need 1x8x8 digits samples, the model draws {shape_of(model)}")
     was = model.training
     try:
-        x, labels, _ = sample_n(model, cfg.protocol(), batch_size=SAMPLE_CHUNK)
+        x, labels, _ = sample_n(model, cfg.sampling_protocol(), batch_size=SAMPLE_CHUNK)
     finally:
         model.train(was)
     return proxy_metrics_of(x.float(), labels, classifier)

@@ -32,9 +32,9 @@ from ..atomic import write_json_atomic
 from ..diffusion import VAE_SCALE
 from ..distributed import gather_shards
 from ..models.vae import load_vae
-from ..sampling import model_shape, sample_batches
+from ..sampling import model_shape, protocol_sampler, sample, sample_batches
 from .config import OfflineEvalConfig
-from .protocol import SamplingProtocol, rank_seed
+from .protocol import SamplingProtocol, rank_seed, reference_seed
 
 # ------------------------------------------------------------------------------------- sampling
 
@@ -56,13 +56,17 @@ def initial_noise(indices: Tensor, shape: tuple[int, ...], seed: int) -> Tensor:
     return out
 
 
-def protocol_labels(protocol: SamplingProtocol, num_classes: int) -> Tensor:
-    """``[num_samples]`` labels by the protocol's rule (``cyclic`` or ``shuffled``)."""
+def protocol_labels(protocol: SamplingProtocol, num_classes: int, n: int | None = None) -> Tensor:
+    """``[n]`` labels (default ``num_samples``) by the protocol's rule (``cyclic`` or ``shuffled``;
+    ``uniform`` labels are drawn while sampling, from the noise stream)."""
+    n = protocol.num_samples if n is None else n
+    if protocol.labels == "uniform":
+        raise ValueError("uniform labels come from the reference noise stream while sampling (sample_n)")
     if protocol.labels == "cyclic":
-        return torch.arange(protocol.num_samples) % num_classes
+        return torch.arange(n) % num_classes
     from ..data import balanced_labels
 
-    return balanced_labels(protocol.num_samples, num_classes, seed=protocol.seed)
+    return balanced_labels(n, num_classes, seed=protocol.seed)
 
 
 @torch.no_grad()
@@ -79,6 +83,8 @@ def sample_n(model: nn.Module, protocol: SamplingProtocol, batch_size: int = 256
     shape = model_shape(model)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval()
+    if protocol.noise == "reference":
+        return _sample_reference(model, protocol, rank, world, dev, postprocess, progress)
     idx = shard_indices(protocol.num_samples, rank, world)
     labels = protocol_labels(protocol, model.num_classes)[idx]
     if protocol.noise == "per_sample":
@@ -101,6 +107,35 @@ def sample_n(model: nn.Module, protocol: SamplingProtocol, batch_size: int = 256
 
     x = sample_batches(model, labels.to(dev), x_T, protocol, batch_size, generator_for, postprocess, report)
     return x, labels, idx
+
+
+def _sample_reference(model: nn.Module, protocol: SamplingProtocol, rank: int, world: int, dev: torch.device,
+                      postprocess: Callable[[Tensor], Tensor] | None, progress: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``sample_ddp.py``'s order: every rank runs ``ceil(N / (B * world))`` batches of ``B``
+    (``protocol.batch_size``) from one stream seeded ``seed * world + rank``; per batch ``x_T``,
+    then uniform labels (when that is the rule), then the per-step noise. Sample ``k`` of rank
+    ``r`` is global index ``k * world + r`` (the reference's file name); indices ``>= N`` are
+    generated, as there, and dropped."""
+    n, B, nc = protocol.num_samples, protocol.batch_size, model.num_classes
+    shape = model_shape(model)
+    batches = -(-n // (B * world))
+    stream = torch.Generator(device=dev).manual_seed(reference_seed(protocol.seed, rank, world))
+    named = None if protocol.labels == "uniform" else protocol_labels(protocol, nc, batches * B * world)
+    outs, labels, indices, t0 = [], [], [], time.time()
+    for b in range(batches):
+        idx = (b * B + torch.arange(B)) * world + rank  # (B,) global indices of this batch
+        z = torch.randn((B, *shape), generator=stream, device=dev)
+        y = (torch.randint(0, nc, (B,), generator=stream, device=dev) if named is None else named[idx].to(dev))
+        x = sample(model, y, shape, steps=protocol.steps, cfg_scale=protocol.cfg_scale, method=protocol.method,
+                   generator=stream, noise=z, clip_denoised=protocol.clip_denoised,
+                   **protocol_sampler(protocol, shape[0]))
+        keep = idx < n
+        outs.append((postprocess(x) if postprocess else x)[keep.to(x.device)].cpu())
+        labels.append(y[keep.to(y.device)].cpu())
+        indices.append(idx[keep])
+        if progress:
+            print(f"[rank {rank}] batch {b + 1}/{batches}, {time.time() - t0:.0f} s", flush=True)
+    return torch.cat(outs), torch.cat(labels), torch.cat(indices)
 
 
 def to_uint8(x: Tensor) -> Tensor:
@@ -168,11 +203,11 @@ def evaluate_model(model: nn.Module, cfg: OfflineEvalConfig, rank: int = 0, worl
     (samples clamped to [-1, 1]). ``"inception"``: latents decoded by the VAE at ``cfg.vae_path`` to
     uint8, :func:`image_metrics` against ``cfg.ref`` (ADM ``.npz``, our stats ``.npz``, or a
     directory of images). Returns ``{"protocol", "metrics", "seconds"}`` on rank 0, None on other
-    ranks; ``protocol`` is ``cfg.protocol()`` as a dict plus what the samples were scored against.
+    ranks; ``protocol`` is ``cfg.sampling_protocol()`` as a dict plus what the samples were scored against.
     """
     from ..metrics import write_adm_npz
 
-    proto = cfg.protocol()
+    proto = cfg.sampling_protocol()
     metric, vae_path, ref = cfg.metric, cfg.vae_path, cfg.ref
     if cfg.shard_dir is None and world > 1:
         raise ValueError("with world > 1 give shard_dir, a directory every rank can reach")

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from ..atomic import write_text_atomic
-from .recipes import REASSIGNING, RECIPES, TOLERANCE, choose
+from .recipes import FROZEN_TWIN, REASSIGNING, RECIPES, TOLERANCE, choose
 from .report import _plt, _save
 
 # Issue targets for calibrated DPQ, as multiples of the teacher's FID-proxy (and agreement at 1 bit).
@@ -115,14 +115,14 @@ def write_report(results: Path, out: Path) -> Path:
             ratio = sum(fid_by[winner].values()) / len(fid_by[winner]) / teacher
             lines.append(f"Against the target: {ratio:.1f}x the teacher's FID-proxy vs at most {mult}x: "
                          + ("met." if ratio <= mult else f"missed by a factor {ratio / mult:.1f}."))
-        if "frozen" in fid_by:
-            verdicts = []
-            for r in REASSIGNING:
-                if r in fid_by and sorted(fid_by[r]) == sorted(fid_by["frozen"]):
-                    wins = sum(fid_by[r][s] < fid_by["frozen"][s] for s in fid_by[r])
-                    verdicts.append(f"{r} beats frozen codes on {wins} of {len(fid_by[r])} seed(s)")
-            if verdicts:
-                lines.append("Reassigning codes vs frozen codes: " + "; ".join(verdicts) + ".")
+        verdicts = []
+        for r in REASSIGNING:
+            twin = FROZEN_TWIN.get(r, "frozen")
+            if r in fid_by and twin in fid_by and sorted(fid_by[r]) == sorted(fid_by[twin]):
+                wins = sum(fid_by[r][s] < fid_by[twin][s] for s in fid_by[r])
+                verdicts.append(f"{r} beats {twin} on {wins} of {len(fid_by[r])} seed(s)")
+        if verdicts:
+            lines.append("Reassigning codes vs the same recipe with frozen codes: " + "; ".join(verdicts) + ".")
         lines.append("")
     lines += [f"![FID-proxy per recipe]({fig.name})", ""]
     return write_text_atomic("\n".join(lines), out)

@@ -29,8 +29,13 @@ RECIPES = {
     "rec_only": "codes frozen, block reconstruction only",
     "teacher_data": "codes frozen, teacher's samples as data",
     "t_error": "codes frozen, t drawn where block error is largest",
+    "soft_anneal": "as floats, + top-3 candidates annealed to hard (tau 1 -> 0.01)",
+    "floats_t_error": "floats and t_error together",
+    "floats_1600": "floats, 1600 steps instead of 400",
 }
-REASSIGNING = ("output_aware", "limited_1pct", "limited_10pct", "limited_0p1pct", "soft", "soft_hold")
+REASSIGNING = ("output_aware", "limited_1pct", "limited_10pct", "limited_0p1pct", "soft", "soft_hold", "soft_anneal")
+# Each reassigning recipe is judged against the frozen-code recipe that trains the same things.
+FROZEN_TWIN = {"soft_anneal": "floats"}
 TOLERANCE = 0.10  # the default may lose to a seed's best recipe by at most this much
 
 

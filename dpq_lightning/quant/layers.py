@@ -124,21 +124,28 @@ class PQWeight(nn.Module):
         d_n, cand = dist.topk(min(n, self.K), dim=-1, largest=False)  # (G, N, n)
         self.register_buffer("soft_cand", cand.to(self.codes.dtype))
         self.register_buffer("soft_frozen", torch.zeros(cand.shape[:2], dtype=torch.bool, device=cand.device))
+        # Softmax temperature of the ratios (1 = plain softmax); a calibration may lower it step by
+        # step so that every mixture is one-hot, and hardening free, by the end (a buffer: resumes).
+        self.register_buffer("soft_tau", torch.ones((), device=cand.device))
         scale = d_n.mean().clamp_min(1e-12)
         self.soft_logits = nn.Parameter(-(d_n / scale) / temperature)  # (G, N, n)
 
     def _soft_groups(self, table: torch.Tensor) -> torch.Tensor:
         vecs = gather_rows(table, self._rows_of(self.soft_cand))  # (G, N, n, d)
-        probs = torch.softmax(self.soft_logits, dim=-1)  # (G, N, n)
+        probs = self.soft_ratios()  # (G, N, n)
         hard = torch.nn.functional.one_hot(probs.argmax(-1), probs.shape[-1]).to(probs.dtype)
         probs = torch.where(self.soft_frozen.unsqueeze(-1), hard, probs)  # frozen: exactly one codeword
         return (probs.unsqueeze(-1) * vecs).sum(-2)  # (G, N, d)
+
+    def soft_ratios(self) -> torch.Tensor:
+        """The mixing ratios ``softmax(logits / tau)`` ``[G, N, n]``."""
+        return torch.softmax(self.soft_logits / self.soft_tau, dim=-1)
 
     @torch.no_grad()
     def soft_step(self, threshold: float) -> int:
         """Freeze sub-vectors whose top ratio exceeds ``threshold``; refresh the hard ``codes`` to
         every sub-vector's current best candidate. Returns how many are frozen now."""
-        probs = torch.softmax(self.soft_logits, dim=-1)
+        probs = self.soft_ratios()
         top, pos = probs.max(-1)  # (G, N)
         self.soft_frozen |= top > threshold
         self.codes.copy_(self.soft_cand.long().gather(-1, pos.unsqueeze(-1)).squeeze(-1).to(self.codes.dtype))
@@ -150,7 +157,7 @@ class PQWeight(nn.Module):
             return
         self.soft_step(2.0)  # refresh codes, freeze nothing new
         self.soft_logits = None
-        for name in ("soft_cand", "soft_frozen"):
+        for name in ("soft_cand", "soft_frozen", "soft_tau"):
             delattr(self, name)
 
     def extra_repr(self) -> str:
