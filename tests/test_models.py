@@ -363,3 +363,20 @@ def test_forward_with_cfg():
         assert torch.equal(guided[:, c:], raw[:, c:])  # learned sigma passes through unguided
         g4 = model.forward_with_cfg(x, t, y, cfg_scale=4.0)
         torch.testing.assert_close(g4[:2, :c], raw[2:, :c] + 4.0 * (raw[:2, :c] - raw[2:, :c]))
+
+
+def test_forward_with_cfg_guides_only_the_first_channels_asked():
+    """guided_channels=3: the original DiT's rule - channels 0-2 guided, channel 3 and the sigma
+    channels unguided from each half (the default guides every eps channel)."""
+    model = random_model(CONFIGS["tiny-sigma"], seed=13)
+    c = model.config.in_channels
+    assert c == 4  # DiT's latent channels
+    x, t, _ = inputs(model.config)
+    labels = torch.tensor([1, 7])
+    y = torch.cat([labels, torch.full_like(labels, model.null_class)])
+    with torch.no_grad():
+        raw = model(torch.cat([x[:2], x[:2]]), t, y)
+        g = c - 1
+        out = model.forward_with_cfg(x, t, y, cfg_scale=4.0, guided_channels=g)
+    torch.testing.assert_close(out[:2, :g], raw[2:, :g] + 4.0 * (raw[:2, :g] - raw[2:, :g]))
+    assert torch.equal(out[:, g:], raw[:, g:])  # the rest from each half as is

@@ -337,17 +337,24 @@ class DiT(nn.Module):
             x = block(x, c)  # (N, T, D)
         return self.head(x, c)  # (N, C_out, H, W)
 
-    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float) -> torch.Tensor:
-        """Batched conditional + unconditional pass with classifier-free guidance (as the original).
+    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
+                         guided_channels: int | None = None) -> torch.Tensor:
+        """Batched conditional + unconditional pass with classifier-free guidance, laid out as the
+        original's (batch ``[cond half, uncond half]``: only the first half of ``x`` is used,
+        duplicated; ``y`` should be ``[labels, null_class...]``).
 
-        The batch is [cond half, uncond half]: only the first half of ``x`` is used (duplicated),
-        ``y`` should be ``[labels, null_class...]``. Guidance is applied to the first ``in_channels``
-        output channels (epsilon); the rest (learned sigma) is passed through unguided.
+        Guidance applies to the first ``guided_channels`` output channels, default all
+        ``in_channels`` eps channels (as diffusers' ``DiTPipeline``); the rest (and the learned
+        sigma) pass through unguided from each half. The original guides only channels 0-2 of
+        DiT's 4 (``guided_channels=3``; its own comment says this keeps the published numbers
+        exactly reproducible). The sampler's ``reference`` convention does the same
+        (``dpq_lightning.sampling.sample(guided_channels=3)``; docs/evaluation.md).
         """
+        g = self.in_channels if guided_channels is None else guided_channels
         half = x[: len(x) // 2]  # (N/2, C, H, W)
         combined = torch.cat([half, half], dim=0)  # (N, C, H, W)
         model_out = self.forward(combined, t, y)  # (N, C_out, H, W)
-        eps, rest = model_out[:, : self.in_channels], model_out[:, self.in_channels :]
+        eps, rest = model_out[:, :g], model_out[:, g:]
         cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)  # 2 x (N/2, C, H, W)
         half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)  # (N/2, C, H, W)
         eps = torch.cat([half_eps, half_eps], dim=0)  # (N, C, H, W)
