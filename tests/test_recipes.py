@@ -73,6 +73,7 @@ def test_recipes_run_through_train_py_share_stage1_and_render(tmp_path, monkeypa
     md = write_report(results, tmp_path / "recipes.md").read_text()
     assert md.count("| frozen | codes frozen, pool trains |") == 1 and "| teacher_data |" in md
     assert "Default by the rule" in md and "limited_1pct beats frozen on" in md
+    assert "Every run: sampling protocol `diffusers`" in md  # the miniature's protocol, named
     assert (tmp_path / "recipes.png").stat().st_size > 1000
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..atomic import write_text_atomic
 from .recipes import FROZEN_TWIN, REASSIGNING, RECIPES, TOLERANCE, choose
-from .report import _plt, _save
+from .report import _plt, _save, protocol_name
 
 # Issue targets for calibrated DPQ, as multiples of the teacher's FID-proxy (and agreement at 1 bit).
 TARGETS = {1: (3.0, 0.95), 2: (1.3, None)}
@@ -72,6 +72,8 @@ def write_report(results: Path, out: Path) -> Path:
              "(the miniature's `configs/mini/dpq_<b>bit.yaml` with only its calibration keys changed: same size, 400 "
              "steps, same evaluation protocol as `docs/results-mini.md`) run through `train.py`'s own path with "
              f"`seed=S quant.seed=S`. Cost: {costs}. Seeds: {', '.join(map(str, seeds))}.", ""]
+    first = next(iter(next(iter(runs.values())).values()))
+    lines += [f"Every run: {protocol_name(first['summary']['eval']['protocol'])}.", ""]
     if teacher:
         lines += [f"Teacher FID-proxy: {teacher:.2f}.", ""]
     for b in sorted({b for b, _ in runs}):

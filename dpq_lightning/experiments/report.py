@@ -41,6 +41,13 @@ def load_seed(folder: Path) -> tuple[list[dict], dict, str]:
     return rows, meta, protocol_key(records)
 
 
+def protocol_name(p: dict) -> str:
+    """The sampling convention a record's ``eval.protocol`` names, in words (records written before
+    the key existed were sampled with the ``diffusers`` convention, shuffled labels, per-rank noise)."""
+    name = p.get("protocol", "diffusers")
+    return f"sampling protocol `{name}` (docs/evaluation.md)"
+
+
 def protocol_key(records: list[dict]) -> str:
     """Everything that must agree between seeds: each config minus its seeds and output folder."""
     strip = re.compile(r"^(seed|output_dir|  seed): .*$", re.M)
@@ -149,7 +156,7 @@ def write_report(results: Path, configs: Path, out: Path) -> Path:
         "",
     ]
     p = first["summary"]["eval"]["protocol"]
-    lines += [f"Teacher `{first.get('teacher', '?')}` (sha256 {str(first.get('teacher_sha256'))[:12]}). Protocol (every cell): {p['num_samples']} samples, balanced classes, {p['method'].upper()} "
+    lines += [f"Teacher `{first.get('teacher', '?')}` (sha256 {str(first.get('teacher_sha256'))[:12]}). Protocol (every cell): {protocol_name(p)}, {p['num_samples']} samples, balanced classes, {p['method'].upper()} "
                   f"{p['sampling_steps']} steps, guidance {p['cfg_scale']}, x_T from eval seed {p['seed']} for every "
                   "model; FID/KID/IS-proxy from the digits classifier's features against all 1797 real digits; "
                   f"block error along the student's own {p['trajectory_steps']}-step trajectory "
