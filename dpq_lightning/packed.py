@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from .quant.accounting import in_memory_bytes
 from .quant.bitpack import bits_for, pack, unpack
 from .quant.geometry import Geometry
 from .quant.layers import PQ_MODULES, PQWeight, empty_wrapper
@@ -228,5 +229,17 @@ def inspect(path: str | os.PathLike, per_param: bool = True) -> str:
     return (
         report.table(per_param)
         + f"\nfile on disk         : {on_disk / 2**20:.3f} MiB ({on_disk:,} bytes; report says "
-        f"{report.total_bytes:,.0f}, {100 * (on_disk / report.total_bytes - 1):+.2f}%)"
+        f"{report.total_bytes:,.0f}, {100 * (on_disk / report.total_bytes - 1):+.2f}%)\n"
+        + memory_line(model)
     )
+
+
+def memory_line(model: nn.Module) -> str:
+    """One line of :func:`in_memory_bytes`: what the loaded model holds, next to FP32 and FP16."""
+    b = in_memory_bytes(model)
+    code_types = sorted({str(m.weight_pq.codes.dtype).replace("torch.", "") for m in model.modules()
+                         if isinstance(m, PQ_MODULES)})
+    mib = lambda n: f"{n / 2**20:.3f} MiB"  # noqa: E731
+    return (f"in memory (loaded)   : {mib(b['total'])} = codes {mib(b['codes'])} ({', '.join(code_types)}), "
+            f"pointers {mib(b['pointers'])}, codebooks/pool {mib(b['codebooks'])}, float {mib(b['float'])}; "
+            f"FP32 {mib(b['fp32'])}, FP16 {mib(b['fp16'])} ({b['fp16'] / b['total']:.1f}x smaller than FP16)")

@@ -90,3 +90,35 @@ def test_a_file_without_checksum_needs_the_opt_out(packed, tmp_path):
         load_packed(old)
     x, t, y = torch.randn(1, 1, 8, 8), torch.tensor([10]), torch.tensor([3])
     assert torch.equal(load_packed(old, verify=False).eval()(x, t, y), load_packed(packed).eval()(x, t, y))
+
+
+def test_loaded_codes_are_uint8_and_memory_is_reported(tmp_path):
+    """K <= 256: codes and pointers are held as uint8 (the narrowest type), and the in-memory
+    bytes of a loaded model add up part by part next to its dense FP32/FP16 size."""
+    import math
+
+    from dpq_lightning.models import build_dit
+    from dpq_lightning.packed import inspect, load_packed, save_packed
+    from dpq_lightning.quant import PQ_MODULES, QuantConfig, quantize_
+    from dpq_lightning.quant.accounting import in_memory_bytes
+
+    torch.manual_seed(0)
+    model = build_dit("DiT-T/2", input_size=8, in_channels=1, num_classes=10)
+    dense = sum(p.numel() for p in model.parameters())
+    quantize_(model, QuantConfig(d=4, K=16, kmeans_iters=2, kmeans_backend="torch",
+                                 overrides=[{"pattern": "final_layer.linear.weight", "granularity": "layer"},
+                                            {"pattern": "y_embedder.*", "granularity": "layer"}],
+                                 pool={"enabled": True, "iters": 2, "size": 32}))
+    path = save_packed(model, tmp_path / "m.dpq")
+    loaded = load_packed(path)
+    pq = [m.weight_pq for m in loaded.modules() if isinstance(m, PQ_MODULES)]
+    assert pq and all(w.codes.dtype == torch.uint8 and w.pointers.dtype == torch.uint8 for w in pq)
+    b = in_memory_bytes(loaded)
+    assert b["codes"] == sum(w.codes.numel() for w in pq)  # one byte per code
+    assert b["codebooks"] == sum(w.pool.numel() * 4 for w in pq)  # fp32 pools
+    assert b["total"] == b["codes"] + b["pointers"] + b["codebooks"] + b["float"]
+    assert b["fp32"] == 4 * dense and b["fp16"] == 2 * dense
+    assert b["total"] < b["fp16"] / 4
+    assert sum(math.prod(w.geo.shape) for w in pq) < dense
+    line = inspect(path).splitlines()[-1]
+    assert line.startswith("in memory (loaded)") and "(uint8)" in line and f"{b['fp16'] / b['total']:.1f}x" in line

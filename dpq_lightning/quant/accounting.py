@@ -224,3 +224,35 @@ class SizeReport:
             lines.append(f"left in float        : {r.name} ({r.kind}: {r.note})")
         lines += [f"note                 : {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+def in_memory_bytes(model) -> dict[str, int]:
+    """Bytes a loaded compressed model holds in memory, by part: ``codes``, ``pointers``,
+    ``codebooks`` (per-group codebooks or the pool), ``float`` (every other parameter and buffer),
+    ``total``; next to ``fp32``/``fp16``: the same learnable parameters stored densely. On disk
+    the codes are bit-packed; in memory they are the narrowest integer type their K needs."""
+    from torch import nn
+
+    from . import PQ_MODULES
+
+    parts = {"codes": 0, "pointers": 0, "codebooks": 0, "float": 0}
+    seen: set[int] = set()
+    dense = 0
+    for m in model.modules():
+        if isinstance(m, PQ_MODULES):
+            w = m.weight_pq
+            dense += math.prod(w.geo.shape)  # the dense weight it stands for
+            for key, t in (("codes", w.codes), ("pointers", w.pointers), ("codebooks", w.codebooks),
+                           ("codebooks", w.pool)):
+                if t is not None:
+                    parts[key] += t.numel() * t.element_size()
+                    seen.add(id(t))
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in seen:
+            parts["float"] += t.numel() * t.element_size()
+            if isinstance(t, nn.Parameter):
+                dense += t.numel()
+            seen.add(id(t))
+    parts["total"] = sum(parts.values())
+    parts["fp32"], parts["fp16"] = 4 * dense, 2 * dense
+    return parts
