@@ -74,6 +74,7 @@ def test_recipes_run_through_train_py_share_stage1_and_render(tmp_path, monkeypa
     assert md.count("| frozen | codes frozen, pool trains |") == 1 and "| teacher_data |" in md
     assert "Default by the rule" in md and "limited_1pct beats frozen on" in md
     assert "Every run: sampling protocol `diffusers`" in md  # the miniature's protocol, named
+    assert "remaining error sits (relative block error along the student's own 4-step trajectory" in md
     assert (tmp_path / "recipes.png").stat().st_size > 1000
 
 

@@ -60,6 +60,23 @@ def fig_recipes(runs: dict, teacher: float | None, path: Path) -> Path:
     return _save(fig, path)
 
 
+def remaining_error(recipe: str, recs: dict) -> str:
+    """Where a recipe's remaining error sits: the relative block error along the student's own
+    sampling trajectory (the record's ``eval.trajectory``), mean over seeds, by block and by step."""
+    per_seed = [rec["summary"]["eval"].get("trajectory", {}).get("student") for rec in recs.values()]
+    per_seed = [t for t in per_seed if t]
+    if not per_seed:
+        return f"Where {recipe}'s error sits: no trajectory recorded."
+    steps, blocks = len(per_seed[0]), len(per_seed[0][0])
+    err = [[sum(t[i][b] for t in per_seed) / len(per_seed) for b in range(blocks)] for i in range(steps)]
+    by_block = [sum(err[i][b] for i in range(steps)) / steps for b in range(blocks)]
+    by_step = [sum(row) / blocks for row in err]
+    marks = sorted({0, steps // 4, steps // 2, 3 * steps // 4, steps - 1})
+    return (f"Where {recipe}'s remaining error sits (relative block error along the student's own {steps}-step "
+            f"trajectory, mean over {len(per_seed)} seed(s)): by block " + ", ".join(f"{v:.4f}" for v in by_block)
+            + "; by sampling step (1 = pure noise) " + ", ".join(f"{i + 1}: {by_step[i]:.4f}" for i in marks) + ".")
+
+
 def write_report(results: Path, out: Path) -> Path:
     runs, metas, teacher = load(results)
     seeds = sorted(metas)
@@ -81,8 +98,8 @@ def write_report(results: Path, out: Path) -> Path:
         lines += [f"## {b} bit", "",
                   f"Target (calibrated DPQ): FID-proxy at most {mult}x the teacher's"
                   + (f", agreement at least {agree}" if agree else "") + ".", "",
-                  "| recipe | what changes | FID-proxy | x teacher | agreement | IS-proxy | trained floats | "
-                  "effective bits | minutes |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| recipe | what changes | seeds | FID-proxy | x teacher | agreement | IS-proxy | trained numbers | "
+                  "effective bits | minutes |", "|---|---|---|---|---|---|---|---|---|---|"]
         fid_by: dict[str, dict[int, float]] = {}
         for r in RECIPES:
             recs = runs.get((b, r))
@@ -98,8 +115,10 @@ def write_report(results: Path, out: Path) -> Path:
             trained = rec0["summary"].get("trainable_params")
             ratio = f"{mean / teacher:.1f}x" if teacher else "-"
             mins = sum(rec["seconds"] for rec in recs.values()) / len(ev) / 60
-            lines.append(f"| {r} | {RECIPES[r]} | {fid} | {ratio} | {agr:.3f} | {isp:.2f} | "
-                         f"{trained if trained is not None else '-'} | "
+            soft = rec0["summary"].get("final_metrics", {}).get("soft/fid_proxy") is not None
+            trained_txt = "-" if trained is None else f"{trained}" + (" (mostly candidate ratios, not stored)" if soft else "")
+            lines.append(f"| {r} | {RECIPES[r]} | {', '.join(map(str, sorted(recs)))} | {fid} | {ratio} | {agr:.3f} | "
+                         f"{isp:.2f} | {trained_txt} | "
                          f"{rec0['summary']['size']['effective_bits']:.3f} | {mins:.1f} |")
         lines.append("")
         for r in RECIPES:  # the soft rules: what the mixture scored before it was hardened
@@ -117,6 +136,9 @@ def write_report(results: Path, out: Path) -> Path:
             ratio = sum(fid_by[winner].values()) / len(fid_by[winner]) / teacher
             lines.append(f"Against the target: {ratio:.1f}x the teacher's FID-proxy vs at most {mult}x: "
                          + ("met." if ratio <= mult else f"missed by a factor {ratio / mult:.1f}."))
+        best = winner or (min(fid_by, key=lambda r: sum(fid_by[r].values()) / len(fid_by[r])) if fid_by else None)
+        if best:
+            lines.append(remaining_error(best, runs[(b, best)]))
         verdicts = []
         for r in REASSIGNING:
             twin = FROZEN_TWIN.get(r, "frozen")
