@@ -86,13 +86,16 @@ def xl_per_sample(batch: int = 2) -> dict:
     # The output-aware pass per column-block group (N rows, d columns, K codewords, H d x d):
     # H w for all N sub-vectors (N d^2 MACs), c^T H w (N K d), c^T H c (K d^2).
     d, K = 8, 256
-    passes = 0
+    passes = subvectors = 0
     for name, p in student.named_parameters():
+        if p.dim() >= 2:
+            subvectors += p.numel() // d
         if name.endswith("weight") and p.dim() == 2 and "y_embedder" not in name:
             rows, cols = p.shape
             groups = cols // d
             passes += 2 * groups * (rows * d * d + rows * K * d + K * d * d)
-    return {"params": sum(p.numel() for p in student.parameters()), "fwd": fwd, "step": step, "assign_pass": passes}
+    return {"params": sum(p.numel() for p in student.parameters()), "fwd": fwd, "step": step, "assign_pass": passes,
+            "subvectors": subvectors}
 
 
 def render(cfg, mini: dict, xl: dict, seconds: float) -> str:
@@ -141,9 +144,17 @@ def render(cfg, mini: dict, xl: dict, seconds: float) -> str:
     ]
     for gpu, peak in PEAK_BF16.items():
         lines.append(f"| {gpu} | " + " | ".join(f"{total / (peak * m) / 3600:.2f}" for m in MFU) + " |")
+    if rule == "soft":
+        n = cfg.calib.soft_candidates
+        lines += ["", f"The `soft` rule rebuilds every weight from {n} candidate codewords per sub-vector (a gather and "
+                  "a weighted sum: memory-bound, no matmul FLOPs, not counted above) and trains "
+                  f"{n} ratio logits per sub-vector: {xl['subvectors'] / 1e6:.0f} M sub-vectors x {n} x (4 bytes + "
+                  f"8 bytes of Adam state) = {xl['subvectors'] * n * 12 / 2**30:.1f} GiB while calibrating, "
+                  "none of it stored (the packed file holds the hard codes)."]
     lines += ["", "GPU-hours = total FLOPs / (peak x MFU) / 3600. On 8 GPUs the wall time is about an eighth "
-              "of this (DDP's all-reduce of the codebook gradients is small: the trainable tensors are "
-              "the pool and the float tensors, a few MB). Not counted: data loading (latents are "
+              "of this plus DDP's gradient all-reduce of what trains: the pool and the float tensors (a few MB)"
+              + (f" and the soft rule's ratio logits ({xl['subvectors'] * cfg.calib.soft_candidates * 4 / 2**30:.1f} GiB "
+                 "per step)" if rule == "soft" else "") + ". Not counted: data loading (latents are "
               "pre-extracted), evaluation sampling, and the stage-1 k-means (measured separately in "
               "`docs/benchmarks.md`).", ""]
     return "\n".join(lines)

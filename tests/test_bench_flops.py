@@ -1,0 +1,37 @@
+"""scripts/bench_flops.py: the counted calibration step is the real one, and the GPU-hours follow
+from the counted FLOPs by the stated arithmetic."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_flops", ROOT / "scripts" / "bench_flops.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_real_step_counts_as_the_float_stand_in(bench):
+    m = bench.miniature_check(batch=2)
+    assert m["real"] == m["stand_in"] > 0
+
+
+def test_xl_counts_and_gpu_hours(bench):
+    from dpq_lightning.config import load_config
+
+    xl = bench.xl_per_sample(batch=1)
+    assert 674e6 < xl["params"] < 676e6
+    assert xl["fwd"] == pytest.approx(2 * 118.6e9, rel=0.01)  # the DiT paper's 118.6 GFLOPs (multiply-adds)
+    assert xl["step"] == pytest.approx(4 * xl["fwd"], rel=0.01)  # teacher fwd + student fwd + 2x bwd
+    cfg = load_config(ROOT / "configs" / "dpq_1bit.yaml", [])
+    cfg.source = "configs/dpq_1bit.yaml"
+    md = bench.render(cfg, {"batch": 2, "real": 10, "stand_in": 10}, xl, 1.0)
+    total = cfg.trainer.max_steps * cfg.data.global_batch_size * xl["step"]  # the soft rule: no passes
+    assert f"**{total / 1e15:.0f} PFLOP**" in md
+    assert f"| {total / (312e12 * 0.4) / 3600:.2f} |" in md
