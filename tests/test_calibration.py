@@ -172,8 +172,8 @@ def test_resume_gives_the_same_final_state(teacher_file, tmp_path):
     from dpq_lightning.jobs.run import run
 
     args = ["trainer.max_steps=12", "calib.assign_every=3", "trainer.ckpt_every_n_steps=6"]
-    run(load_config("configs/quickstart.yaml", _run_cfg(tmp_path, teacher_file, "full", *args)))
-    part = load_config("configs/quickstart.yaml", _run_cfg(tmp_path, teacher_file, "part", *args))
+    run(load_config("tests/configs/small_run.yaml", _run_cfg(tmp_path, teacher_file, "full", *args)))
+    part = load_config("tests/configs/small_run.yaml", _run_cfg(tmp_path, teacher_file, "part", *args))
     run(part, callbacks=[StopAt(6)])
     ckpt = torch.load(tmp_path / "part" / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 6 and "dpq_config" in ckpt
@@ -194,7 +194,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(teacher_file, tmp_path):
     from dpq_lightning.calibration import NonFiniteLossError
     from dpq_lightning.jobs.run import run
 
-    cfg = load_config("configs/quickstart.yaml", _run_cfg(tmp_path, teacher_file, "nan", "trainer.max_steps=8",
+    cfg = load_config("tests/configs/small_run.yaml", _run_cfg(tmp_path, teacher_file, "nan", "trainer.max_steps=8",
                                                           "trainer.ckpt_every_n_steps=4"))
     run(cfg, callbacks=[StopAt(4)])
     last = tmp_path / "nan" / "checkpoints" / "last.ckpt"
@@ -213,7 +213,7 @@ def test_ddp_two_cpu_ranks_hold_identical_state(teacher_file, tmp_path):
                     "trainer.strategy=ddp", "trainer.ckpt_every_n_steps=8")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     env.pop("SLURM_NTASKS", None)
-    proc = subprocess.run([sys.executable, "train.py", "--config", "configs/quickstart.yaml", *args],
+    proc = subprocess.run([sys.executable, "train.py", "--config", "tests/configs/small_run.yaml", *args],
                           cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     f0 = json.loads((out / "fingerprints" / "rank0.json").read_text())
@@ -235,7 +235,7 @@ def test_missing_data_dir_is_named(teacher_file, tmp_path):
     from dpq_lightning.data import DataError
     from dpq_lightning.jobs.run import run
 
-    cfg = load_config("configs/quickstart.yaml", _run_cfg(tmp_path, teacher_file, "nodata", "data.kind=latents",
+    cfg = load_config("tests/configs/small_run.yaml", _run_cfg(tmp_path, teacher_file, "nodata", "data.kind=latents",
                                                           f"data.path={tmp_path / 'absent'}"))
     with pytest.raises(DataError, match=r"absent"):
         run(cfg)
@@ -248,7 +248,7 @@ def test_bf16_mixed_calibration_on_cpu(teacher_file, tmp_path):
     from dpq_lightning.packed import load_packed
     from dpq_lightning.jobs.run import run
 
-    cfg = load_config("configs/quickstart.yaml", _run_cfg(tmp_path, teacher_file, "bf16", "trainer.max_steps=6",
+    cfg = load_config("tests/configs/small_run.yaml", _run_cfg(tmp_path, teacher_file, "bf16", "trainer.max_steps=6",
                                                           "trainer.ckpt_every_n_steps=6", "trainer.precision=bf16-mixed",
                                                           "trainer.log_every_n_steps=1"))
     summary = run(cfg)
@@ -316,7 +316,7 @@ def test_kill_during_a_checkpoint_write_then_resume_finishes_identically(teacher
 
     def launch(name, kill_at, record):
         cfg = _run_cfg(tmp_path, teacher_file, name, *args)
-        return subprocess.run([sys.executable, str(script), "configs/quickstart.yaml", str(kill_at), str(record), *cfg],
+        return subprocess.run([sys.executable, str(script), "tests/configs/small_run.yaml", str(kill_at), str(record), *cfg],
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
     full = launch("full", 0, tmp_path / "full.json")

@@ -157,7 +157,7 @@ def test_block_error_trajectory_function(trained_small_dit):
         block_error_trajectory(teacher, student, labels, (1, 8, 8), steps=2, follow="both")
 
 
-# The eval section on tiny settings (quickstart.yaml turns evaluation on with full-size settings).
+# The eval section on tiny settings (small_run.yaml turns evaluation on with full-size settings).
 TINY_EVAL = ["eval.enabled=true", "eval.every_n_steps=2", "eval.num_samples=41", "eval.sampling_steps=4",
              "eval.grid_per_class=1", "eval.trajectory_steps=3"]
 
@@ -189,7 +189,7 @@ def test_run_with_wandb_offline(teacher_ckpt, tmp_path):
         "wandb.enabled=true", "wandb.mode=offline", "name=cbtest",
         *TINY_EVAL, "eval.trajectory_follow=teacher", "eval.final=true",
     ]
-    cfg = load_config(ROOT / "configs" / "quickstart.yaml", overrides)
+    cfg = load_config(ROOT / "tests" / "configs" / "small_run.yaml", overrides)
     try:
         summary = run(cfg)  # run() adds build_callbacks(cfg.eval)
     finally:
@@ -324,7 +324,7 @@ def test_ddp_two_ranks_shard_and_agree(teacher_ckpt, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("SLURM_NTASKS", None)
-    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path), str(ROOT / "configs" / "quickstart.yaml"),
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path), str(ROOT / "tests" / "configs" / "small_run.yaml"),
                              *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)  # its own process group: both ranks can be stopped
     try:

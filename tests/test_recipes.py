@@ -10,9 +10,10 @@ import yaml
 from dpq_lightning.config import load_config
 from dpq_lightning.experiments.runner import QUICK
 from dpq_lightning.experiments.recipe_report import write_report
-from dpq_lightning.experiments.recipes import BITS, RECIPES, choose, entries, run_recipes
+from dpq_lightning.experiments.recipes import BITS, QUANT_RECIPES, RECIPES, choose, entries, run_recipes
 
 ROOT = Path(__file__).parents[1]
+PINNED = yaml.safe_load((ROOT / "configs" / "mini" / "recipes" / "_baseline.yaml").read_text())["calib"]
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -20,13 +21,35 @@ def test_every_recipe_differs_from_its_cell_only_in_calibration_or_data(bits):
     base = load_config(ROOT / "configs" / "mini" / f"dpq_{bits}bit.yaml", ["output_dir=x"])
     for e in entries(ROOT / "configs" / "mini", (bits,)):
         cfg = load_config(e.config, ["output_dir=x"])
-        assert cfg.quant == base.quant and cfg.model == base.model and cfg.trainer == base.trainer, e.name
+        assert cfg.model == base.model, e.name
+        if e.meta["recipe"] in QUANT_RECIPES:  # bits per layer: only the overrides and the pointer cap differ,
+            # and the whole planned file is no larger than the uniform cell's
+            from dataclasses import replace
+
+            from dpq_lightning.jobs.stage1 import predict_size
+
+            assert {k for k, v in vars(cfg.quant).items() if v != getattr(base.quant, k)} <= {"overrides", "pool"}
+            assert replace(cfg.quant.pool, max_pointer_bits=base.quant.pool.max_pointer_bits) == base.quant.pool
+            planned, uniform = predict_size(cfg), predict_size(base)
+            assert planned.budget_met and planned.total_bits <= uniform.total_bits, e.name
+        else:
+            assert cfg.quant == base.quant, e.name
+        steps = e.meta["recipe"].rpartition("_")[2]
+        if steps.isdigit():  # a point of the length curve: only the step count (and save interval) differ
+            assert cfg.trainer.max_steps == int(steps) != base.trainer.max_steps, e.name
+            assert {k for k, v in vars(cfg.trainer).items() if v != getattr(base.trainer, k)} <= {
+                "max_steps", "ckpt_every_n_steps"}, e.name
+        else:
+            assert cfg.trainer == base.trainer, e.name
         assert cfg.eval == base.eval and cfg.name == f"mini_dpq_{bits}bit_{e.meta['recipe']}"
         if e.meta["recipe"] != "teacher_data":
             assert cfg.data == base.data, e.name
-        changed = {k for k, v in vars(cfg.calib).items() if v != getattr(base.calib, k)}
+        # the calibration keys resolve to exactly: the cell's, then the pinned starting point
+        # (_baseline.yaml), then what the recipe file itself states; nothing changes silently
         raw = yaml.safe_load(e.config.read_text())
-        assert changed <= set(raw.get("calib", {})), (e.name, changed)  # nothing changes silently
+        expected = {**vars(base.calib), **PINNED, **raw.get("calib", {})}
+        assert vars(cfg.calib) == expected, (e.name, {k for k in expected if expected[k] != vars(cfg.calib)[k]})
+        assert raw["base"] == [f"../dpq_{bits}bit.yaml", "_baseline.yaml"], e.name
     assert len(entries(ROOT / "configs" / "mini", (bits,))) == len(RECIPES)
 
 
@@ -94,3 +117,14 @@ def test_meta_of_a_seed_accumulates_over_lists(tmp_path):
     assert meta["cells"] == ["dpq_1bit_frozen", "dpq_2bit_frozen", "dpq_1bit_floats"]
     assert meta["cell_seconds"] == pytest.approx(190.0)
     assert json.loads((tmp_path / "recipes.json").read_text()) == meta
+
+
+def test_length_variants_draw_a_curve_and_do_not_compete_for_the_default():
+    from dpq_lightning.experiments.recipes import LENGTH_OF, length_curves
+
+    fid = {"floats": {0: 10.0, 1: 12.0}, "floats_1600": {0: 6.0}, "soft_anneal": {0: 7.0}}
+    # only the seeds both lengths share (seed 0) enter the curve; soft_anneal has no second point
+    assert length_curves(fid) == ["Length curve of floats (seeds 0): 400 steps 10.0, 1600 steps 6.0; "
+                                  "1600 vs 400 steps: 0.60x."]
+    assert length_curves({"floats": {1: 1.0}, "floats_1600": {0: 1.0}}) == []
+    assert set(LENGTH_OF) <= set(RECIPES) and all(b in RECIPES for b, _ in LENGTH_OF.values())

@@ -1,6 +1,6 @@
 """The SLURM template (scripts/slurm/dpq.sbatch), submitted for real to a one-node SLURM cluster.
 
-Two tasks on CPU (gloo) calibrate the digits miniature (configs/quickstart.yaml: the committed
+Two tasks on CPU (gloo) calibrate the digits miniature (tests/configs/small_run.yaml on the committed
 digits teacher) through ``sbatch`` -> ``srun python train.py``. Checked: Lightning detected SLURM on
 both ranks, both ranks hold the same final state, and a preemption (SIGUSR1, as SLURM sends it
 before the time limit or ``scancel --signal=USR1`` does) saves ``hpc_ckpt_N.ckpt``, requeues the
@@ -30,7 +30,7 @@ import pytest
 ROOT = Path(__file__).parents[1]
 TEMPLATE = ROOT / "scripts" / "slurm" / "dpq.sbatch"
 CLUSTER = ROOT / "scripts" / "slurm" / "cluster.sh"
-CONFIG = "configs/quickstart.yaml"  # the digits miniature
+CONFIG = "tests/configs/small_run.yaml"  # the digits miniature
 MAX_STEPS = 120
 PREEMPT_AT = 30  # send SIGUSR1 once the run has logged this step
 CKPT_EVERY = 25  # periodic checkpoints exist before the preemption: the resume must still pick the newer hpc one

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from ..atomic import write_text_atomic
-from .recipes import FROZEN_TWIN, REASSIGNING, RECIPES, TOLERANCE, choose
+from .recipes import FROZEN_TWIN, LENGTH_OF, REASSIGNING, RECIPES, TOLERANCE, choose, length_curves
 from .report import _plt, _save, protocol_name
 
 # Issue targets for calibrated DPQ, as multiples of the teacher's FID-proxy (and agreement at 1 bit).
@@ -129,8 +129,8 @@ def write_report(results: Path, out: Path) -> Path:
                     lines.append(f"- {r}, seed {s}: FID-proxy {soft:.1f} before hardening (the soft mixture, "
                                  f"agreement {rec['summary']['final_metrics']['soft/agreement']:.3f}), {hard:.1f} "
                                  f"after: hardening costs {hard / soft:.1f}x (the target is at most 1.1x).")
-        winner, why = choose(fid_by)
-        lines.append(f"Default by the rule (lowest mean, within {TOLERANCE:.0%} of the best on every seed): "
+        winner, why = choose({r: v for r, v in fid_by.items() if r not in LENGTH_OF})  # equal length only
+        lines.append(f"Default by the rule (lowest mean at 400 steps, within {TOLERANCE:.0%} of the best on every seed): "
                      f"**{winner or 'none'}** ({why}).")
         if winner and teacher:
             ratio = sum(fid_by[winner].values()) / len(fid_by[winner]) / teacher
@@ -147,6 +147,7 @@ def write_report(results: Path, out: Path) -> Path:
                 verdicts.append(f"{r} beats {twin} on {wins} of {len(fid_by[r])} seed(s)")
         if verdicts:
             lines.append("Reassigning codes vs the same recipe with frozen codes: " + "; ".join(verdicts) + ".")
+        lines += length_curves(fid_by)
         lines.append("")
     lines += [f"![FID-proxy per recipe]({fig.name})", ""]
     return write_text_atomic("\n".join(lines), out)

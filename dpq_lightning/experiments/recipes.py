@@ -32,10 +32,19 @@ RECIPES = {
     "soft_anneal": "as floats, + top-3 candidates annealed to hard (tau 1 -> 0.01)",
     "floats_t_error": "floats and t_error together",
     "floats_1600": "floats, 1600 steps instead of 400",
+    "soft_anneal_1600": "soft_anneal, 1600 steps instead of 400",
+    "alloc": "winner's calib, bits per layer by sensitivity, same size",
 }
-REASSIGNING = ("output_aware", "limited_1pct", "limited_10pct", "limited_0p1pct", "soft", "soft_hold", "soft_anneal")
+# Recipes that change the quantization itself (bit allocation), at no more than the cell's size.
+QUANT_RECIPES = ("alloc",)
+REASSIGNING = ("output_aware", "limited_1pct", "limited_10pct", "limited_0p1pct", "soft", "soft_hold", "soft_anneal",
+               "soft_anneal_1600")
 # Each reassigning recipe is judged against the frozen-code recipe that trains the same things.
-FROZEN_TWIN = {"soft_anneal": "floats"}
+FROZEN_TWIN = {"soft_anneal": "floats", "soft_anneal_1600": "floats_1600"}
+# The length curve: a recipe run longer is a point of its base recipe's curve, not a rival recipe;
+# the default is chosen among recipes of equal length (400 steps).
+LENGTH_OF = {"floats_1600": ("floats", 1600), "soft_anneal_1600": ("soft_anneal", 1600)}
+BASE_STEPS = 400
 TOLERANCE = 0.10  # the default may lose to a seed's best recipe by at most this much
 
 
@@ -79,3 +88,22 @@ def choose(fid: dict[str, dict[int, float]], tolerance: float = TOLERANCE) -> tu
             return r, (f"lowest mean FID-proxy ({mean[r]:.1f}) among the recipes within {tolerance:.0%} of every "
                        f"seed's best (worst seed: +{worst:.0%})")
     return None, f"every recipe loses to some seed's best by more than {tolerance:.0%}"
+
+
+def length_curves(fid: dict[str, dict[int, float]]) -> list[str]:
+    """One line per recipe measured at more than one length: mean FID-proxy per step count over
+    the seeds both lengths share, and the ratio of the longest to the base length."""
+    lines = []
+    for base in dict.fromkeys(b for b, _ in LENGTH_OF.values()):
+        points = [(BASE_STEPS, base)] + sorted((n, r) for r, (b, n) in LENGTH_OF.items() if b == base)
+        points = [(n, r) for n, r in points if r in fid]
+        if len(points) < 2:
+            continue
+        seeds = sorted(set.intersection(*(set(fid[r]) for _, r in points)))
+        if not seeds:
+            continue
+        means = [(n, sum(fid[r][s] for s in seeds) / len(seeds)) for n, r in points]
+        lines.append(f"Length curve of {base} (seeds {', '.join(map(str, seeds))}): "
+                     + ", ".join(f"{n} steps {m:.1f}" for n, m in means)
+                     + f"; {means[-1][0]} vs {means[0][0]} steps: {means[-1][1] / means[0][1]:.2f}x.")
+    return lines
