@@ -9,6 +9,8 @@
         [--classes 0 1 ...] [--per-class N] [--steps N] [--cfg-scale S] [--method ddpm|ddim]
         [--seed S] [--protocol reference|diffusers] [--vae-path DIR] [--npz FILE]
         [--noise XT.npy] [--latents OUT.npy] [--model NAME --image-size N | --arch-json FILE]
+    dpq export FILE --format diffusers --out DIR    a .dpq / .ckpt / .pt as a diffusers folder (dense fp32):
+        [--vae-path DIR] [--force] [--model NAME --image-size N --num-classes N | --arch-json FILE]
 """
 
 from __future__ import annotations
@@ -104,6 +106,15 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .jobs.diffusers_export import export_file
+
+    lines = export_file(args.file, args.out, args.format, args.vae_path, args.force, args.model, args.image_size,
+                        args.num_classes, args.arch_json)
+    print("\n".join(lines))
+    return 0
+
+
 def _to_images(x, shape, vae_path, device):
     """uint8 ``[N, 3, H, W]``: pixel models clamped from [-1, 1]; latent models decoded by the VAE."""
     from .evaluation.offline import to_uint8, vae_decoder
@@ -160,6 +171,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=_sample)
+    p = sub.add_parser("export", help="write a .dpq, a calibration .ckpt or a DiT .pt as a diffusers folder")
+    p.add_argument("file")
+    p.add_argument("--format", required=True, help="diffusers (the only one so far)")
+    p.add_argument("--out", required=True, help="the folder to write (must be absent or empty, unless --force)")
+    p.add_argument("--vae-path", help="a diffusers AutoencoderKL folder: also write vae/ and model_index.json")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--model", default=None, help="a .pt's architecture by name (default DiT-XL/2)")
+    p.add_argument("--image-size", type=int, default=256, help="a .pt's image size (latent = size / 8)")
+    p.add_argument("--num-classes", type=int, default=1000, help="a .pt's class count (with --model)")
+    p.add_argument("--arch-json", default=None, help="a .pt's architecture as JSON (checkpoints/digits_teacher.json)")
+    p.set_defaults(fn=_export)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
