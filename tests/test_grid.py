@@ -102,3 +102,17 @@ def test_grid_runs_through_train_py_and_resumes(tmp_path, monkeypatch):
     assert "| DPQ+calib | 1 |" in md and "| VQ | 1 | 1.229 / 1.177" in md
     for png in ("report-fid-vs-bits.png", "report-trajectory.png"):
         assert (tmp_path / png).stat().st_size > 1000
+
+
+def test_a_half_finished_run_is_kept_only_for_the_same_config(tmp_path):
+    """The list runner keeps a run folder without a record (interrupted) when its config.yaml is
+    the config about to run - run() then resumes from its last.ckpt - and wipes it otherwise."""
+    from dpq_lightning.config import load_config, save_resolved, to_yaml
+    from dpq_lightning.experiments.runner import same_config
+
+    cfg = load_config(ROOT / "configs" / "mini" / "dpq_1bit.yaml", [f"output_dir={tmp_path}"])
+    assert not same_config(tmp_path, to_yaml(cfg))  # nothing there yet
+    save_resolved(cfg, tmp_path / "config.yaml")
+    assert same_config(tmp_path, to_yaml(cfg))
+    other = load_config(ROOT / "configs" / "mini" / "dpq_1bit.yaml", [f"output_dir={tmp_path}", "seed=1"])
+    assert not same_config(tmp_path, to_yaml(other))

@@ -85,8 +85,10 @@ def run_entries(entries: list[Entry], seed: int, runs: Path, results: Path, over
             records.append(json.loads(target.read_text()))
             continue
         t0 = time.time()
-        if out.exists():
+        if out.exists() and not same_config(out, cfg_text):
             shutil.rmtree(out)  # a half-finished run of another config: start it clean
+        # else a half-finished run of this config: run() resumes from its last.ckpt (trainer.resume=auto);
+        # its record's seconds then count only this invocation's part
         share_stage1(stage1_key(cfg), seed_dir, out)
         summary = run(cfg)
         teacher = cfg.model.checkpoint
@@ -99,6 +101,12 @@ def run_entries(entries: list[Entry], seed: int, runs: Path, results: Path, over
             f"{summary['size']['effective_bits']:.3f} effective bits, {record['seconds']:.0f} s "
             f"(so far {(time.time() - started) / 60:.1f} min)")
     return records
+
+
+def same_config(out: Path, cfg_text: str) -> bool:
+    """Whether ``out`` holds a run (finished or not) of exactly this resolved config."""
+    saved = out / "config.yaml"
+    return saved.is_file() and saved.read_text() == cfg_text
 
 
 def write_meta(dest: Path, seed: int, names: list[str], records: list[dict], overrides: list[str] | None,
