@@ -10,7 +10,9 @@ place, so an interrupted save never leaves a half-written file under the target 
 from __future__ import annotations
 
 import json
+import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -20,7 +22,7 @@ from torch import nn
 from .quant.accounting import in_memory_bytes
 from .quant.bitpack import bits_for, pack, unpack
 from .quant.geometry import Geometry
-from .quant.layers import PQ_MODULES, PQWeight, empty_wrapper
+from .quant.layers import PQ_MODULES, PQWeight, _code_dtype, decode_for_inference, empty_wrapper
 from .quant.layout import FORMAT, NO_CHECKSUM, metadata_for, tensor_specs
 from .quant.config import QuantConfig
 from .quant.quantize import model_meta, report_of, structure_of
@@ -60,7 +62,8 @@ def payload_sha256(tensors: dict[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no bytes copy
     return h.hexdigest()
 
 
@@ -133,13 +136,87 @@ def check_schema(doc: dict, path) -> None:
              f"structure.float[{name!r}] is not a shape")
 
 
-def build_skeleton(meta: dict) -> nn.Module:
-    """The float model a packed file was made from, with fresh weights (to be overwritten)."""
+# nn.init functions a model's constructor calls to draw its initial weights; skipped while a
+# skeleton is built for a packed file, whose tensors overwrite or replace every drawn weight.
+_INIT_FUNCS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+               "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_")
+
+# Parameters a packed file does not store because the model's constructor computes them without
+# randomness (DiT: the fixed sin-cos position table). Every other tensor of a loaded model must
+# come from the file; load_packed checks that.
+COMPUTED = {"DiT": ("pos_embed",)}
+
+
+@contextmanager
+def _no_random_init():
+    """Within: ``torch.nn.init`` initialisers leave their tensor as allocated (uninitialised).
+
+    Why: the float DiT-XL/2 skeleton holds 675M weights; drawing them (xavier, normal) took a
+    third of a load (docs/benchmarks.md, issue 13), and the PQ layers that replace them never
+    read them.
+    Left untouched, ``torch.empty``'s large allocations are never written, so they cost neither
+    time nor resident memory before they are freed. Not thread-safe: another thread building
+    modules meanwhile would also skip its init (loading is not done concurrently with that here).
+    """
+    saved = {name: getattr(nn.init, name) for name in _INIT_FUNCS if hasattr(nn.init, name)}
+
+    def keep(tensor, *args, **kwargs):
+        return tensor
+
+    try:
+        for name in saved:
+            setattr(nn.init, name, keep)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
+
+
+def build_skeleton(meta: dict, init: bool = True) -> nn.Module:
+    """The float model a packed file was made from. ``init=True``: with fresh random weights, as
+    the model's constructor draws them. ``init=False``: only the tensors the constructor computes
+    without randomness (``COMPUTED``) hold values; every other weight is uninitialised memory,
+    which :func:`load_packed` replaces (PQ layers) or overwrites (floats) from the file."""
     if meta["class"] == "DiT":
         from .models.dit import DiT, DiTConfig
 
-        return DiT(DiTConfig.from_dict(meta["config"]))
+        if init:
+            return DiT(DiTConfig.from_dict(meta["config"]))
+        with _no_random_init():
+            return DiT(DiTConfig.from_dict(meta["config"]))
     raise PackedFileError(f"no builder for model class {meta['class']!r}; packed files support DiT models")
+
+
+def _unpack(data: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """:func:`quant.bitpack.unpack` (same values, tested equal), vectorized per code rather than
+    per bit. The stream repeats its byte alignment every ``u = 8 / gcd(bits, 8)`` codes, which
+    fill ``bits * u / 8`` bytes: viewed as rows of such units, code ``j`` of every unit sits at
+    the same byte and shift, so it is read from a strided column of at most 4 bytes (bits <= 25)
+    without any gather. At 8 bits the stored bytes are the codes: returned as read (uint8)."""
+    need = (n * bits + 7) // 8
+    if data.numel() != need:
+        raise ValueError(f"packed codes hold {data.numel()} bytes; {n} codes at {bits} bits need {need}")
+    if bits == 8:
+        return data
+    if bits > 25:
+        return unpack(data, bits, n)
+    u = 8 // math.gcd(bits, 8)  # codes per unit
+    ub = bits * u // 8  # bytes per unit
+    units = -(-n // u)
+    rows = torch.zeros(units * ub + 3, dtype=torch.int32)  # zero tail: a code's last word may run past the data
+    rows[: data.numel()] = data
+    out = torch.empty(units, u, dtype=torch.int32)  # (units, u)
+    mask = (1 << bits) - 1
+    for j in range(u):
+        byte, shift = divmod(j * bits, 8)
+        col = lambda k: rows[byte + k : byte + k + units * ub : ub]  # noqa: E731 - (units,): byte k of code j
+        word = col(0) | (col(1) << 8)
+        if shift + bits > 16:
+            word |= col(2) << 16
+        if shift + bits > 24:
+            word |= col(3) << 24  # int32 wraps past bit 31; the mask below keeps only bits < shift + bits
+        out[:, j] = (word >> shift) & mask
+    return out.reshape(-1)[:n]
 
 
 def _read_tensors(path: Path, structure: dict) -> dict[str, torch.Tensor]:
@@ -159,45 +236,102 @@ def _read_tensors(path: Path, structure: dict) -> dict[str, torch.Tensor]:
     return data
 
 
-def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = True) -> nn.Module:
+def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = True,
+                decode: bool = False) -> nn.Module:
     """Rebuild a compressed model from a packed file (no k-means, no original weights).
 
     ``verify`` (default): the tensor payload's sha256 must equal the one written at save time, so
     a flipped bit or a damaged copy is an error, not a silently different model. ``verify=False``
-    skips it (a file written before checksums existed, or to save the hashing time)."""
-    path = Path(path)
+    skips it (a file written before checksums existed, or to save the hashing time).
+
+    ``decode=True``: inference mode (:func:`quant.layers.decode_for_inference`): every weight is
+    decoded once, on ``device``, and kept, so sampling runs at the float model's speed; the model
+    then holds 4 bytes per weight again (DiT-XL/2: +2.5 GiB). Default: decoded in every forward.
+
+    The skeleton is built without drawing random weights (:func:`build_skeleton` ``init=False``:
+    the float weights that PQ layers replace are allocated but never written, so they cost no
+    time and no resident memory), codes are unpacked per code, not per bit (:func:`_unpack`),
+    and the CPU work runs on one torch thread (docs/benchmarks.md, issue 13: DiT-XL/2 at 1 bit
+    loads in 0.4 s instead of 30). The model owns all its memory (nothing stays mapped from the
+    file)."""
+    with _one_cpu_thread():
+        model = _load_cpu(Path(path), verify)
+    model = model.to(device)
+    if decode:
+        with _one_cpu_thread(enabled=torch.device(device).type == "cpu"):
+            decode_for_inference(model)
+    return model
+
+
+@contextmanager
+def _one_cpu_thread(enabled: bool = True):
+    """Within: one torch thread; the caller's setting is restored on exit. A load is hundreds of
+    small tensor ops (per layer: unpack, convert, copy); split across OpenMP threads each costs
+    a barrier, and on cores shared with other processes a descheduled thread stalls every one.
+    Measured on 2 cores shared with another job, DiT-XL/2 at 1 bit: the load took 4.8 s on 2
+    threads and 0.3 s on 1, decoding every weight 7-9 s on 2 threads and 1.5-3.5 s on 1
+    (docs/benchmarks.md, issue 13)."""
+    threads = torch.get_num_threads()
+    if enabled and threads > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
+def _load_cpu(path: Path, verify: bool) -> nn.Module:
+    """:func:`load_packed` up to the device move: the model rebuilt on the CPU."""
     doc = read_metadata(path)
     structure = doc["structure"]
-    model = build_skeleton(doc["model"])
     data = _read_tensors(path, structure)
     if verify:
         verify_payload(doc, data, path)
+    model = build_skeleton(doc["model"], init=False)
     modules = dict(model.named_modules())
     for m, e in structure["pq"].items():
         geo = Geometry.from_dict(e["geo"])
         K, P = e["K"], e["pool_size"]
-        pq = PQWeight(geo, K, P)
-        codes = unpack(data[f"{m}.codes"], bits_for(K), geo.num_groups * geo.group_size)
-        pq.codes.copy_(codes.reshape(geo.num_groups, geo.group_size))
+        with torch.device("meta"):  # shapes only: every tensor is set from the file below
+            pq = PQWeight(geo, K, P)
+        codes = _unpack(data[f"{m}.codes"], bits_for(K), geo.num_groups * geo.group_size)
+        if bits_for(K) == 8:
+            # the bytes as read are a copy-on-write map of the file: copy them, so the model owns its
+            # memory and a later in-place write to the file cannot change (or truncate) it
+            codes = codes.clone()
+        pq.codes = codes.reshape(geo.num_groups, geo.group_size).to(_code_dtype(K))  # (G, N)
         if P is None:
             pq.set_codebooks(data[f"{m}.codebooks"].float())
         else:
-            ptr = unpack(data[f"{m}.pointers"], bits_for(P), geo.num_groups * K).reshape(geo.num_groups, K)
+            ptr = _unpack(data[f"{m}.pointers"], bits_for(P), geo.num_groups * K).reshape(geo.num_groups, K)
             pq.set_pool(data[f"{m}.pool"].float(), ptr)
-        old = modules[m]
-        bias = getattr(old, "bias", None)
+        bias = getattr(modules[m], "bias", None)
         new = empty_wrapper(e["kind"], pq, None if bias is None else list(bias.shape), e["conv_args"])
         parent, _, child = m.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
+    del modules  # the replaced float layers (and their never-written weights) are freed here
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name in structure["float"]:
             if name not in params:
                 raise PackedFileError(f"{path}: float tensor {name!r} has no parameter in the rebuilt model")
             params[name].copy_(data[name].to(params[name].dtype))
+    _check_every_tensor_set(model, structure, doc["model"]["class"], path)
     set_state(model, QuantState(QuantConfig.from_dict(doc["quant"]), doc["left_float"], list(structure["float"])))
     assert sum(isinstance(x, PQ_MODULES) for x in model.modules()) == len(structure["pq"])
-    return model.to(device)
+    return model
+
+
+def _check_every_tensor_set(model: nn.Module, structure: dict, cls: str, path) -> None:
+    """Every parameter and buffer of the rebuilt model is a PQ tensor from the file, a float from
+    the file or one the constructor computes (``COMPUTED``): none is left as uninitialised memory."""
+    from_file = set(structure["float"]) | set(COMPUTED.get(cls, ()))
+    pq_prefixes = tuple(f"{m}.weight_pq." for m in structure["pq"])
+    for name, _ in [*model.named_parameters(), *model.named_buffers()]:
+        if name not in from_file and not name.startswith(pq_prefixes):
+            raise PackedFileError(f"{path}: the rebuilt {cls} has tensor {name!r}, which the file does not hold "
+                                  f"(a model class or version the file was not written for?)")
 
 
 def verify_payload(doc: dict, data: dict[str, torch.Tensor], path) -> None:

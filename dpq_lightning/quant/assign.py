@@ -41,38 +41,134 @@ def group_moments(H: torch.Tensor, geo: Geometry, G: int) -> torch.Tensor:
     return H.reshape(M // gc, gc, d, d)[cbb]
 
 
+# Score blocks are this large on CPU: the GEMM writes a block and the reductions read it back
+# while it is still in cache. (The previous version wrote [G, r, K] blocks of up to 256 MiB and
+# spent ~70% of its time in the element-wise ``Q - 2 * cross`` over them, out of cache, and 13%
+# in ``argmin``; docs/benchmarks.md, issue 13.)
+CPU_SCORE_BYTES = 4 * 2**20
+# Width of the runs of codewords reduced with ``amin`` before ``argmin`` (see _first_argmin):
+# on CPU torch's ``amin`` over contiguous runs of 32 floats is vectorized (measured 4-10 G
+# values/s on one core), its ``argmin`` is not (~0.6 G/s over K = 256). 32 divides every K >= 64.
+_RUN = 32
+
+
+def _first_argmin(scores: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``scores.argmin(-1)`` (first index of the minimum) of ``[n, K]`` scores, computed as: the
+    minimum of each run of ``_RUN`` codewords (``amin``), the first run whose minimum is the row's
+    minimum (``argmin`` over K / _RUN values), then the first minimum inside that run (``argmin``
+    over _RUN values). Exact, ties included: the first run that holds the row's minimum holds its
+    first occurrence. NaN: ``amin`` and ``argmin`` both propagate it, so the first NaN is found, as
+    ``argmin`` finds it. Measured on one core: 1.6-2x less CPU time than ``argmin`` at K = 256.
+    ``out``: an int64 ``[n]`` tensor to write the codes into."""
+    n, K = scores.shape
+    if K % _RUN or K < 2 * _RUN:
+        return torch.argmin(scores, -1, out=out) if out is not None else scores.argmin(-1)
+    runs = K // _RUN
+    run = scores.reshape(n, runs, _RUN).amin(-1).argmin(-1)  # (n,): first run holding the minimum
+    first = torch.arange(0, n * runs, runs, device=scores.device)  # (n,): each row's first run
+    inside = scores.reshape(n * runs, _RUN).index_select(0, first.add_(run)).argmin(-1)  # (n,)
+    return torch.add(inside, run, alpha=_RUN, out=out) if out is not None else inside.add_(run, alpha=_RUN)
+
+
 def assign_output_aware(
     X: torch.Tensor,
     C: torch.Tensor,
     H: torch.Tensor,
     geo: Geometry,
-    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    max_chunk_bytes: int | None = None,
+    batched: bool | None = None,
 ) -> torch.Tensor:
     """Codes minimising ``(w - c)^T H_m (w - c)``.
+
+    Expanded, the objective is ``w^T H w - 2 c^T H w + c^T H c``; the first term does not depend
+    on the codeword, so the code is ``argmin_k (c_k^T H c_k - 2 w^T (H c_k))``: per (group,
+    column block) one GEMM of its rows ``[r, d]`` against ``-2 H c_k`` ``[d, K]`` with
+    ``c_k^T H c_k`` added by the GEMM itself (``addmm`` / ``baddbmm`` with beta = 1). The scores
+    are bit-identical to the previous version's ``Q - 2 * einsum(...)`` (the factor -2 is exact,
+    the d-term dot products are the same sums) and ties go to the first index, so the codes are
+    the same (0 of 84,293,136 differ on DiT-XL/2 at 1 bit; tests/test_assign_speed_equality.py
+    checks them against the objective itself).
+
+    CPU: one ``addmm`` per problem into a cache-sized block (measured on this project's CPUs: a
+    loop of ``addmm`` was never slower than one ``baddbmm`` over the block, at times 4x faster),
+    reduced by :func:`_first_argmin`, on one torch thread (:class:`_OneCpuThread`). Other devices:
+    ``baddbmm`` over ``max_chunk_bytes`` of scores at once and ``argmin`` (a few large kernels,
+    not thousands of small launches).
 
     Args:
         X: teacher sub-vectors ``[G, N, d]`` laid out by ``geo``.
         C: codebooks ``[G, K, d]``.
         H: symmetric second moments per column block ``[M, d, d]`` (already damped).
+        max_chunk_bytes: size of one score block; default ``CPU_SCORE_BYTES`` on CPU (cache
+            sized), ``DEFAULT_CHUNK_BYTES`` elsewhere.
+        batched: the ``baddbmm`` path (default: on every device but the CPU); the tests run it on
+            CPU to check that it gives the same codes.
 
     Returns:
         codes ``[G, N]`` (int64).
     """
+    with _OneCpuThread(X.device.type == "cpu"):
+        return _assign_output_aware(X, C, H, geo, max_chunk_bytes, batched)
+
+
+class _OneCpuThread:
+    """Within: one torch thread (CPU work only); the caller's setting is restored on exit.
+
+    Why: every op of the assignment is a cache-sized block (~0.1-1 ms of work). Split across
+    OpenMP threads it costs a barrier per op, and when other processes share the cores a
+    descheduled thread stalls each barrier. Measured on 2 shared cores, one pass over DiT-XL/2 at
+    1 bit: 33 s on 1 thread against 1102 s on 2 (docs/benchmarks.md, issue 13)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __enter__(self) -> None:
+        self.threads = torch.get_num_threads()
+        if self.enabled and self.threads > 1:
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc) -> bool:
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+        return False
+
+
+def _assign_output_aware(X: torch.Tensor, C: torch.Tensor, H: torch.Tensor, geo: Geometry,
+                         max_chunk_bytes: int | None, batched: bool | None) -> torch.Tensor:
     G, N, d = X.shape
     K = C.shape[1]
     gr, gc = geo.group_rows, geo.group_cols
+    cpu = X.device.type == "cpu" if batched is None else not batched
+    if max_chunk_bytes is None:
+        max_chunk_bytes = CPU_SCORE_BYTES if X.device.type == "cpu" else DEFAULT_CHUNK_BYTES
     X, C, H = X.float(), C.float(), H.float()
     Hg = group_moments(H, geo, G)  # (G, gc, d, d)
     HC = torch.einsum("gjde,gke->gjkd", Hg, C)  # (G, gc, K, d): H_j c_k
     Q = (HC * C.unsqueeze(1)).sum(-1)  # (G, gc, K): c_k^T H_j c_k
-    Xr = X.reshape(G, gr, gc, d)  # (G, gr, gc, d)
-    codes = torch.empty(G, gr, gc, dtype=torch.long, device=X.device)
-    step = max(1, min(gr, max_chunk_bytes // max(1, G * gc * K * 4)))
-    for s in range(0, gr, step):
-        x = Xr[:, s : s + step]  # (G, r, gc, d)
-        cross = torch.einsum("grjd,gjkd->grjk", x, HC)  # (G, r, gc, K): w^T H c
-        codes[:, s : s + step] = (Q.unsqueeze(1) - 2 * cross).argmin(-1)
-    return codes.reshape(G, N)
+    # One problem per (group, column block j of the group): B = G * gc tables of K codewords,
+    # each scored against the gr rows of that column block.
+    B = G * gc
+    xb = X.reshape(G, gr, gc, d).transpose(1, 2).reshape(B, gr, d)  # (B, gr, d); a view when gc = 1
+    table = (-2 * HC).reshape(B, K, d).transpose(1, 2)  # (B, d, K): -2 H_j c_k, exact scaling
+    Qb = Q.reshape(B, 1, K)  # (B, 1, K)
+    codes = torch.empty(B, gr, dtype=torch.long, device=X.device)  # (B, gr)
+    rows = max(1, max_chunk_bytes // (K * 4))  # score rows per block
+    nb, nr = max(1, rows // gr), min(gr, rows)  # problems per block, rows per problem per block
+    buf = torch.empty(nb * nr * K, device=X.device)  # one score block, reused
+    for b in range(0, B, nb):
+        n = min(nb, B - b)
+        for r in range(0, gr, nr):
+            m = min(nr, gr - r)
+            scores = buf[: n * m * K].view(n, m, K)  # (n, m, K): c^T H c - 2 w^T H c
+            if cpu:
+                for i in range(n):
+                    torch.addmm(Qb[b + i], xb[b + i, r : r + m], table[b + i], out=scores[i])
+                # n = 1 or m = gr, so this slice of codes is contiguous: the result goes in place
+                _first_argmin(scores.view(n * m, K), out=codes[b : b + n, r : r + m].view(-1))
+            else:
+                torch.baddbmm(Qb[b : b + n], xb[b : b + n, r : r + m], table[b : b + n], out=scores)
+                codes[b : b + n, r : r + m] = scores.argmin(-1)
+    return codes.reshape(G, gc, gr).transpose(1, 2).reshape(G, N)
 
 
 def code_cost(X: torch.Tensor, C: torch.Tensor, codes: torch.Tensor, geo: Geometry,

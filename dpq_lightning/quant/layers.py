@@ -63,6 +63,11 @@ class PQWeight(nn.Module):
         G, N, d = geo.num_groups, geo.group_size, geo.d
         self.register_buffer("codes", torch.zeros(G, N, dtype=_code_dtype(K)))  # (G, N)
         self.register_parameter("soft_logits", None)  # (G, N, n) while soft candidates are on
+        # Inference mode (decode_for_inference): the decoded weight, kept between forwards. A
+        # non-persistent buffer: not in checkpoints or packed files, but moved by .to() and
+        # counted by every in-memory account of parameters + buffers.
+        self.register_buffer("decoded", None, persistent=False)
+        self._decoded_key: tuple | None = None
         if pool_size is None:
             self.set_codebooks(torch.zeros(G, K, d))  # (G, K, d)
         else:
@@ -109,7 +114,31 @@ class PQWeight(nn.Module):
         idx = codes.long() + offsets
         return idx if self.pool is None else self.pointers.long().reshape(-1)[idx]
 
+    def _decode_key(self) -> tuple:
+        """Identity and in-place version of every tensor the decoded weight is computed from: any
+        change to codes, codebooks, pool or pointers (an optimizer step, a reassignment, a
+        ``set_pool``) changes it, so a kept decoded weight is never stale."""
+        return tuple((id(t), t._version) for t in (self.codes, self.codebooks, self.pool, self.pointers)
+                     if t is not None)
+
+    def keep_decoded(self, enable: bool = True) -> None:
+        """Decode once and reuse the weight in every forward that needs no gradient (inference);
+        ``enable=False`` frees it. Costs the dense weight in fp32 (4 bytes per weight)."""
+        if not enable:
+            self.decoded, self._decoded_key = None, None
+            return
+        if self.soft_logits is not None:
+            raise ValueError("soft candidates are on: harden the codes (end_soft) before decoding for inference")
+        with torch.no_grad():
+            self.decoded = None  # so forward() decodes afresh
+            self.decoded = self.forward().detach()  # original weight shape
+        self._decoded_key = self._decode_key()
+
     def forward(self) -> torch.Tensor:
+        if self.decoded is not None and not (torch.is_grad_enabled() and self._table().requires_grad):
+            if self._decoded_key != self._decode_key():  # codes or codebooks changed since: decode again
+                self.keep_decoded()
+            return self.decoded
         table = self._table()
         if self.soft_logits is not None:
             return from_groups(self._soft_groups(table), self.geo)
@@ -206,6 +235,24 @@ class PQEmbedding(_PQModule):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return F.embedding(idx, self.weight_pq())
+
+
+def decode_for_inference(model: nn.Module, enable: bool = True) -> int:
+    """Inference mode for a compressed model: every PQ weight is decoded once and kept (dense,
+    fp32), so a forward pass costs what the float model's does; ``enable=False`` frees them.
+    Returns the bytes the decoded weights hold (0 when disabled).
+
+    Outputs are bit-identical to decoding in every forward (the same weight tensor values). The
+    kept weights follow any change of codes/codebooks (decoded again on the next forward), and
+    any forward that needs gradients for the codebooks decodes as usual, so training is
+    unaffected; but in this mode the model holds the float model's weights again (4 bytes per
+    weight instead of ~1 bit): for sampling or evaluation runs that have the memory."""
+    held = 0
+    for m in model.modules():
+        if isinstance(m, PQWeight):
+            m.keep_decoded(enable)
+            held += 0 if m.decoded is None else m.decoded.numel() * m.decoded.element_size()
+    return held
 
 
 def conv_args_of(conv: nn.Conv2d) -> dict:
