@@ -45,14 +45,6 @@ def machine_busy_seconds() -> float:
     return (sum(f[:8]) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
 
 
-def unique_bytes(model: nn.Module) -> int:
-    storages = {}
-    for t in [*model.parameters(), *model.buffers()]:
-        st = t.untyped_storage()
-        storages[st.data_ptr()] = st.nbytes()
-    return sum(storages.values())
-
-
 def dit_s2() -> tuple[nn.Module, nn.Module]:
     from dpq_lightning.models import build_dit
     from dpq_lightning.quant import QuantConfig, quantize_
@@ -89,6 +81,7 @@ def digits(packed: str | None) -> tuple[nn.Module, nn.Module]:
 
 def bench(name: str, teacher: nn.Module, student: nn.Module, batch: int, steps: int, repeats: int) -> dict:
     from dpq_lightning.packed import load_packed, save_packed
+    from dpq_lightning.quant.accounting import unique_bytes
     from dpq_lightning.sampling import model_shape, sample
 
     with tempfile.TemporaryDirectory() as tmp:

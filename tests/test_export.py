@@ -11,10 +11,10 @@ import torch
 from dpq_lightning.cli import main
 from dpq_lightning.evaluation.draw import load_model
 from dpq_lightning.jobs.diffusers_export import (EXPORT_INFO, QKVPart, embedder_params, load_compressed_into_diffusers,
-                                                 load_transformer, unique_bytes)
+                                                 load_transformer)
 from dpq_lightning.packed import load_packed
 from dpq_lightning.quant import PQ_MODULES
-from dpq_lightning.quant.accounting import in_memory_bytes
+from dpq_lightning.quant.accounting import in_memory_bytes, unique_bytes
 
 ROOT = __import__("pathlib").Path(__file__).parents[1]
 TEACHER, TEACHER_JSON = ROOT / "checkpoints" / "digits_teacher.pt", ROOT / "checkpoints" / "digits_teacher.json"

@@ -15,7 +15,7 @@ from dpq_lightning import packed
 from dpq_lightning.models import build_dit, get_2d_sincos_pos_embed
 from dpq_lightning.packed import PackedFileError, _unpack, build_skeleton, load_packed, save_packed
 from dpq_lightning.quant import PQ_MODULES, QuantConfig, quantize_, round_to_storage_
-from dpq_lightning.quant.accounting import in_memory_bytes
+from dpq_lightning.quant.accounting import in_memory_bytes, unique_bytes
 from dpq_lightning.quant.bitpack import pack, unpack
 from dpq_lightning.quant.layers import decode_for_inference
 
@@ -40,14 +40,6 @@ def _saved(tmp_path, K: int, pool: int, name: str):
     path = save_packed(model, tmp_path / f"{name}.dpq")
     x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([1, 500, 999]), torch.tensor([0, 3, 10])
     return model.eval(), path, (x, t, y)
-
-
-def unique_bytes(model: nn.Module) -> int:
-    storages = {}
-    for t in [*model.parameters(), *model.buffers()]:
-        st = t.untyped_storage()
-        storages[st.data_ptr()] = st.nbytes()
-    return sum(storages.values())
 
 
 def test_unpack_equals_bitpack_unpack():

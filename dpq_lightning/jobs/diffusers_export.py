@@ -43,6 +43,7 @@ from torch import nn
 from ..models.dit import DiT
 from ..models.loading import (_BLOCK_KEYS, _TOP_KEYS, CheckpointMismatchError, _assign, _diffusers_kwargs,
                               check_state_dict, to_diffusers)
+from ..quant.accounting import unique_bytes
 from ..quant.layers import PQ_MODULES
 
 FORMATS = ("diffusers",)
@@ -375,16 +376,3 @@ def count_learnable(model: nn.Module) -> int:
 def embedder_params(model: DiT) -> int:
     """One copy of the shared conditioning of a float DiT: timestep MLP + class table (null row included)."""
     return sum(p.numel() for p in chain(model.t_embedder.parameters(), model.y_embedder.parameters()))
-
-
-def unique_bytes(module: nn.Module) -> int:
-    """Bytes of the distinct storages behind ``module``'s parameters and buffers, persistent or
-    not: a tensor shared by several submodules (or several views of one storage) counts once."""
-    seen: dict[tuple[str, int], int] = {}
-    named = chain(module.named_parameters(remove_duplicate=False), module.named_buffers(remove_duplicate=False))
-    for _, t in named:
-        if t.is_meta:
-            continue
-        s = t.untyped_storage()
-        seen[(str(t.device), s.data_ptr())] = s.nbytes()
-    return sum(seen.values())

@@ -256,3 +256,17 @@ def in_memory_bytes(model) -> dict[str, int]:
     parts["total"] = sum(parts.values())
     parts["fp32"], parts["fp16"] = 4 * dense, 2 * dense
     return parts
+
+
+def unique_bytes(module) -> int:
+    """Bytes of the distinct storages behind ``module``'s parameters and buffers, persistent or
+    not: a tensor shared by several submodules (or several views of one storage) counts once;
+    meta tensors count nothing. What a model really holds, whatever its layout."""
+    seen: dict[tuple[str, int], int] = {}
+    named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+    for _, t in named:
+        if t.is_meta:
+            continue
+        s = t.untyped_storage()
+        seen[(str(t.device), s.data_ptr())] = s.nbytes()
+    return sum(seen.values())
