@@ -27,6 +27,7 @@ class CalibConfig:
     soft_tau_end: float = 1.0  # soft rule: ratios' temperature at the end of the annealing (1 = no annealing)
     soft_anneal_frac: float = 0.75  # soft rule: tau falls geometrically 1 -> soft_tau_end over this fraction of the steps, then every code locks
     train_floats: bool = False  # also train biases/norms (and excluded weights) kept in float
+    lowrank_rank: int = 0  # > 0: every PQ weight gets a trained correction U [rows, r] @ V [r, cols] (fp16, counted in the size)
     lr: float = 1e-4
     weight_decay: float = 0.0
     warmup_steps: int = 0
@@ -52,6 +53,8 @@ class CalibConfig:
             raise ValueError(f"calib.soft_tau_end must be in (0, 1] (1 = no annealing), got {self.soft_tau_end}")
         if not 0.0 < self.soft_anneal_frac <= 1.0:
             raise ValueError(f"calib.soft_anneal_frac must be in (0, 1], got {self.soft_anneal_frac}")
+        if self.lowrank_rank < 0:
+            raise ValueError(f"calib.lowrank_rank must be >= 0 (0 = no low-rank correction), got {self.lowrank_rank}")
         if self.t_sampling not in ("uniform", "error"):
             raise ValueError(f"calib.t_sampling must be 'uniform' or 'error', got {self.t_sampling!r}")
         if not 0.0 <= self.label_dropout < 1.0:

@@ -26,7 +26,7 @@ from .calib_config import CalibConfig
 from .diffusion import Schedule, ddpm_loss
 from .models.hooks import BlockOutputRecorder
 from .quant import PQ_MODULES
-from .quant.assign import assign, code_cost, damped, limit_changes
+from .quant.assign import assign, code_cost, damped, limit_changes, map_one_thread_each
 from .quant.geometry import to_groups
 from .quant.state import state_of
 from .quant.stats import InputMoments
@@ -68,10 +68,30 @@ class DPQCalibration(L.LightningModule):
 
     # ---- what trains ---------------------------------------------------------------------
     def _set_trainable(self) -> None:
-        pq_names = {f"{n}.weight_pq.{s}" for n in self._pq for s in ("codebooks", "pool", "soft_logits")}
+        pq_names = {f"{n}.weight_pq.{s}" for n in self._pq
+                    for s in ("codebooks", "pool", "soft_logits", "lowrank_u", "lowrank_v")}
         float_names = set(state_of(self.student).float_names)
         for name, p in self.student.named_parameters():
             p.requires_grad_(name in pq_names or (self.cfg.train_floats and name in float_names))
+
+    @torch.no_grad()
+    def add_lowrank(self, rank: int) -> None:
+        """Give every PQ weight that has none a rank-``rank`` correction, initialised to the best
+        rank-``rank`` approximation of what stage 1 left wrong (truncated SVD of ``W_teacher -
+        decoded``, split as ``U sqrt(S)``, ``sqrt(S) V^T``): the error-reconstruction idea of
+        LQER-style methods; calibration then trains it with the codebooks."""
+        for name, mod in self._pq.items():
+            w = mod.weight_pq
+            if w.lowrank_rank:
+                continue
+            rows, cols = w.matrix_shape()
+            r = min(rank, rows, cols)
+            resid = (self._teacher_w[f"{name}.weight"].detach().float().to(w.codes.device)
+                     - w().detach().float()).reshape(rows, cols)  # (rows, cols)
+            U, S, Vh = torch.linalg.svd(resid, full_matrices=False)  # (rows, k), (k,), (k, cols)
+            root = S[:r].sqrt()  # (r,)
+            w.set_lowrank(U[:, :r] * root, root[:, None] * Vh[:r])  # (rows, r), (r, cols)
+        self._set_trainable()
 
     def trainable_names(self) -> list[str]:
         return sorted(n for n, p in self.student.named_parameters() if p.requires_grad)
@@ -98,7 +118,10 @@ class DPQCalibration(L.LightningModule):
 
     # ---- lifecycle -------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        # Before any checkpoint is restored: the soft rule adds parameters that must exist then.
+        # Before any checkpoint is restored: the low-rank correction and the soft rule add
+        # parameters that must exist then (a resumed run overwrites their initial values).
+        if self.cfg.lowrank_rank > 0:
+            self.add_lowrank(self.cfg.lowrank_rank)
         if self.cfg.assignment == "soft":
             for name, mod in self._pq.items():
                 w = mod.weight_pq
@@ -267,24 +290,32 @@ class DPQCalibration(L.LightningModule):
 
     @torch.no_grad()
     def adjust_assignments(self) -> tuple[int, int]:
-        """Re-choose every code by the rule; return (codes changed, codes total)."""
-        changed = total = 0
-        for name, mod in self._pq.items():
-            w = mod.weight_pq
+        """Re-choose every code by the rule; return (codes changed, codes total).
+
+        On CPU the layers are spread over as many Python threads as the caller's torch thread
+        count, each op on one torch thread (:func:`map_one_thread_each`): every layer is computed
+        alone and deterministically, so the codes do not depend on the thread count."""
+        cpu = next(iter(self._pq.values())).weight_pq.codes.device.type == "cpu"
+        counts = map_one_thread_each(self._adjust_layer, list(self._pq), cpu)
+        return sum(c for c, _ in counts), sum(t for _, t in counts)
+
+    def _adjust_layer(self, name: str) -> tuple[int, int]:
+        """One layer's codes re-chosen in place; returns (codes changed, codes total)."""
+        with torch.no_grad():  # grad mode is per thread: the workers start with it on
+            w = self._pq[name].weight_pq
             H = None
             if self.cfg.assignment == "output_aware" and name in self.moments.names:
                 H = self.moments.second_moment(name)  # identical on every rank (see flush)
             X = to_groups(self._teacher_w[f"{name}.weight"].detach().to(w.codes.device).float(), w.geo)
             C = w.effective_codebooks().detach()  # (G, K, d)
-            new = assign(self.cfg.assignment, X, C, w.geo, H, self.cfg.assign_damp)
+            new = assign(self.cfg.assignment, X, C, w.geo, H, self.cfg.assign_damp)  # (G, N)
             if self.cfg.assign_fraction < 1.0:  # limited: only the codes that gain most move
                 Hd = None if H is None else damped(H, self.cfg.assign_damp)
                 gain = code_cost(X, C, w.codes, w.geo, Hd) - code_cost(X, C, new, w.geo, Hd)
                 new = limit_changes(w.codes, new, gain, self.cfg.assign_fraction)
-            changed += int((new != w.codes.long()).sum())
-            total += new.numel()
+            changed = int((new != w.codes.long()).sum())
             w.codes.copy_(new.to(w.codes.dtype))
-        return changed, total
+            return changed, new.numel()
 
     def export_student(self) -> nn.Module:
         """The calibrated student with hard codes, ready for ``save_packed``."""

@@ -47,6 +47,9 @@ def packed_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
             tensors[f"{m}.pointers"] = pack(w.pointers, bits_for(w.pool_size))
         else:
             tensors[f"{m}.codebooks"] = w.codebooks.detach().half().cpu().contiguous()
+        if w.lowrank_rank:
+            tensors[f"{m}.lowrank_u"] = w.lowrank_u.detach().half().cpu().contiguous()
+            tensors[f"{m}.lowrank_v"] = w.lowrank_v.detach().half().cpu().contiguous()
     params = dict(model.named_parameters())
     for name in structure["float"]:
         tensors[name] = params[name].detach().half().cpu().contiguous()
@@ -131,6 +134,8 @@ def check_schema(doc: dict, path) -> None:
         need(isinstance(e.get("K"), int) and e["K"] > 0, f"structure.pq[{m!r}].K must be a positive integer")
         need(e.get("pool_size") is None or (isinstance(e["pool_size"], int) and e["pool_size"] > 0),
              f"structure.pq[{m!r}].pool_size must be a positive integer or null")
+        need(isinstance(e.get("lowrank", 0), int) and e.get("lowrank", 0) >= 0,
+             f"structure.pq[{m!r}].lowrank must be a non-negative integer")
     for name, shape in st["float"].items():
         need(isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape),
              f"structure.float[{name!r}] is not a shape")
@@ -306,6 +311,8 @@ def _load_cpu(path: Path, verify: bool) -> nn.Module:
         else:
             ptr = _unpack(data[f"{m}.pointers"], bits_for(P), geo.num_groups * K).reshape(geo.num_groups, K)
             pq.set_pool(data[f"{m}.pool"].float(), ptr)
+        if e.get("lowrank"):
+            pq.set_lowrank(data[f"{m}.lowrank_u"].float(), data[f"{m}.lowrank_v"].float())
         bias = getattr(modules[m], "bias", None)
         new = empty_wrapper(e["kind"], pq, None if bias is None else list(bias.shape), e["conv_args"])
         parent, _, child = m.rpartition(".")
@@ -375,5 +382,7 @@ def memory_line(model: nn.Module) -> str:
                          if isinstance(m, PQ_MODULES)})
     mib = lambda n: f"{n / 2**20:.3f} MiB"  # noqa: E731
     return (f"in memory (loaded)   : {mib(b['total'])} = codes {mib(b['codes'])} ({', '.join(code_types)}), "
-            f"pointers {mib(b['pointers'])}, codebooks/pool {mib(b['codebooks'])}, float {mib(b['float'])}; "
+            f"pointers {mib(b['pointers'])}, codebooks/pool {mib(b['codebooks'])}, "
+            + (f"low-rank {mib(b['lowrank'])}, " if b["lowrank"] else "")
+            + f"float {mib(b['float'])}; "
             f"FP32 {mib(b['fp32'])}, FP16 {mib(b['fp16'])} ({b['fp16'] / b['total']:.1f}x smaller than FP16)")

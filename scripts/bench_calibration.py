@@ -124,6 +124,68 @@ def _previous_assign(rule, X, C, geo, H=None, damp=0.01):
     return _previous_assign_output_aware(X, C, damped(H, damp), geo)
 
 
+def _previous_adjust(module, assign_fn):
+    """``DPQCalibration.adjust_assignments`` before the layers went to parallel threads (kept
+    verbatim, with the assignment function as an argument): one layer after another, every op at
+    the caller's torch thread count."""
+    from dpq_lightning.quant.geometry import to_groups
+
+    changed = total = 0
+    with torch.no_grad():
+        for name, mod in module._pq.items():
+            w = mod.weight_pq
+            H = None
+            if module.cfg.assignment == "output_aware" and name in module.moments.names:
+                H = module.moments.second_moment(name)
+            X = to_groups(module._teacher_w[f"{name}.weight"].detach().to(w.codes.device).float(), w.geo)
+            C = w.effective_codebooks().detach()  # (G, K, d)
+            new = assign_fn(module.cfg.assignment, X, C, w.geo, H, module.cfg.assign_damp)
+            changed += int((new != w.codes.long()).sum())
+            total += new.numel()
+            w.codes.copy_(new.to(w.codes.dtype))
+    return changed, total
+
+
+def _addmm_assign(rule, X, C, geo, H=None, damp=0.01):
+    """The assignment with faiss' whitened search turned off: the addmm + blocked-argmin path."""
+    from dpq_lightning.quant.assign import assign, assign_output_aware, damped
+
+    if rule == "output_aware" and H is not None:
+        return assign_output_aware(X, C, damped(H, damp), geo, use_faiss=False)
+    return assign(rule, X, C, geo, H, damp)
+
+
+def _tie_gaps(module, old: list, new: list) -> dict:
+    """Where two passes chose different codes: the objective ``(w - c)^T H (w - c)`` of both
+    codes in float64, their difference relative to the objective (a float32 near-tie is ~1e-7)."""
+    from dpq_lightning.quant.assign import damped
+    from dpq_lightning.quant.geometry import column_block_of, to_groups
+
+    n = ours_lower = 0
+    max_rel = 0.0
+    for (name, mod), a, b in zip(module._pq.items(), old, new):
+        diff = a != b  # (G, N)
+        if not diff.any() or name not in module.moments.names:
+            continue
+        w = mod.weight_pq
+        X = to_groups(module._teacher_w[f"{name}.weight"].detach().float(), w.geo).double()  # (G, N, d)
+        C = w.effective_codebooks().detach().double()  # (G, K, d)
+        H = damped(module.moments.second_moment(name), module.cfg.assign_damp).double()  # (M, d, d)
+        g, i = diff.nonzero(as_tuple=True)  # (n,)
+        Hm = H[column_block_of(w.geo)[g, i]]  # (n, d, d)
+
+        def cost(codes):
+            e = X[g, i] - C[g, codes[g, i].long()]  # (n, d)
+            return torch.einsum("nd,nde,ne->n", e, Hm, e)
+
+        theirs, ours = cost(a), cost(b)
+        rel = (theirs - ours) / theirs.abs().clamp_min(1e-300)
+        n += int(g.numel())
+        ours_lower += int((rel > 0).sum())
+        max_rel = max(max_rel, float(rel.abs().max()))
+    return {"n": n, "max_rel": max_rel, "ours_lower": ours_lower}
+
+
 def _xl_student_teacher(packed: str | None):
     """DiT-XL/2 teacher (xavier-uniform Linear/Conv weights, as bench_stage1's default, so no
     layer is all zeros) and a 1-bit student: the pooled stage-1 file ``packed`` (d=8, K=256,
@@ -173,24 +235,33 @@ def bench_assign_xl(repeats: int, packed: str | None = None, threads: int = 2) -
     module.moments.flush()
     pq = list(module._pq.values())
     start = [m.weight_pq.codes.clone() for m in pq]
-    impls = {f"output_aware, previous ({threads} threads)": ("output_aware", _previous_assign, threads),
-             f"output_aware, this version ({threads} threads)": ("output_aware", calibration.assign, threads)}
+    this = calibration.assign
+    # (rule, driver, assignment function, torch threads). "previous": before issue 13; "last":
+    # the cache-blocked assignment on one torch thread, layers one after another; "this": the same
+    # assignment, layers spread over the torch thread count of Python threads.
+    impls = {f"output_aware, previous ({threads} torch threads)": ("output_aware", "previous", _previous_assign, threads),
+             f"output_aware, last version, layers in turn ({threads} torch threads)": ("output_aware", "previous", _addmm_assign, threads),
+             f"output_aware, addmm path, layers on {threads} threads": ("output_aware", "this", _addmm_assign, threads),
+             f"output_aware, this version (faiss), layers on {threads} threads": ("output_aware", "this", this, threads)}
     if threads > 1:
-        impls["output_aware, this version (1 thread)"] = ("output_aware", calibration.assign, 1)
-    impls[f"nearest ({threads} threads)"] = ("nearest", calibration.assign, threads)
+        impls["output_aware, this version (faiss), 1 thread"] = ("output_aware", "this", this, 1)
+    impls[f"nearest, this version, layers on {threads} threads"] = ("nearest", "this", this, threads)
     stats = {k: {"wall": [], "cpu": [], "others_cores": []} for k in impls}
     result_codes = {}
     total = 0
     try:
         for _ in range(repeats):
-            for key, (rule, fn, n_threads) in impls.items():
+            for key, (rule, driver, fn, n_threads) in impls.items():
                 for m, c0 in zip(pq, start):
                     m.weight_pq.codes.copy_(c0)
                 module.cfg.assignment = rule
                 calibration.assign = fn
                 torch.set_num_threads(n_threads)
                 t0, p0, b0 = time.perf_counter(), time.process_time(), machine_busy_seconds()
-                changed, total = module.adjust_assignments()
+                if driver == "previous":
+                    changed, total = _previous_adjust(module, fn)
+                else:
+                    changed, total = module.adjust_assignments()
                 wall, cpu = time.perf_counter() - t0, time.process_time() - p0
                 stats[key]["wall"].append(wall)
                 stats[key]["cpu"].append(cpu)
@@ -198,14 +269,14 @@ def bench_assign_xl(repeats: int, packed: str | None = None, threads: int = 2) -
                 result_codes[key] = [m.weight_pq.codes.clone() for m in pq]
                 print(f"  {key}: {wall:.1f} s wall, {cpu:.1f} s CPU", flush=True)
     finally:
-        calibration.assign = impls[f"output_aware, this version ({threads} threads)"][1]
+        calibration.assign = this
         torch.set_num_threads(threads)
-    keys = list(impls)
-    old, new = result_codes[keys[0]], result_codes[keys[1]]
-    differ = sum(int((a != b).sum()) for a, b in zip(old, new))
-    if threads > 1:  # the thread count changes the speed only
-        differ += sum(int((a != b).sum()) for a, b in zip(new, result_codes[keys[2]]))
-    return {"stats": stats, "codes": total, "differ": differ,
+    keys = [k for k in impls if impls[k][0] == "output_aware"]
+    old = result_codes[keys[0]]
+    differ = {k: sum(int((a != b).sum()) for a, b in zip(old, result_codes[k])) for k in keys[1:]}
+    new = result_codes[keys[3]]
+    gaps = _tie_gaps(module, old, new)
+    return {"stats": stats, "codes": total, "differ": differ, "gaps": gaps,
             "changed_vs_start": sum(int((a != b).sum()) for a, b in zip(new, start))}
 
 
@@ -239,8 +310,12 @@ def main() -> None:
             w, cpu = statistics.median(v["wall"]), statistics.median(v["cpu"])
             print(f"| {key} | {min(v['wall']):.1f} / {w:.1f} / {max(v['wall']):.1f} | {w / base_wall:.3f}x "
                   f"| {cpu:.1f} | {cpu / base_cpu:.3f}x | {statistics.median(v['others_cores']):.2f} |")
-        print(f"codes per pass: {res['codes']:,}; codes that differ between the previous and this output-aware "
-              f"pass: {res['differ']:,} (re-chosen vs the starting codes: {res['changed_vs_start']:,})")
+        print(f"codes per pass: {res['codes']:,}; re-chosen vs the starting codes: {res['changed_vs_start']:,}")
+        for key, n in res["differ"].items():
+            print(f"codes that differ from the previous output-aware pass: {key}: {n:,}")
+        g = res["gaps"]
+        print(f"where this version's code differs from the previous one: {g['n']:,} codes; float64 objective of "
+              f"theirs minus ours, relative to the objective: max |gap| {g['max_rel']:.2e}, ours lower in {g['ours_lower']:,}")
         if args.json:
             import json
 

@@ -38,6 +38,16 @@ def reference_codes(X: torch.Tensor, C: torch.Tensor, H: torch.Tensor, geo) -> t
     return out
 
 
+def _pooled_1bit(iters: int, pool_size: int) -> QuantConfig:
+    """configs/dpq_1bit.yaml's arithmetic (d=8, K=256) with a small pool per layer, so many
+    codewords are exact duplicates; the small layers share one codebook."""
+    return QuantConfig(d=8, K=256, kmeans_iters=iters, kmeans_init="random", kmeans_backend="torch",
+                       overrides=[{"pattern": "final_layer.linear.weight", "granularity": "layer"},
+                                  {"pattern": "y_embedder.*", "granularity": "layer"},
+                                  {"pattern": "x_embedder.proj.weight", "granularity": "layer"}],
+                       pool={"enabled": True, "iters": iters, "size": pool_size})
+
+
 def _calibration(seed: int, quant: QuantConfig, channels: int = 4, **arch) -> DPQCalibration:
     """A quantized DiT with the input moments of two real training-mode forward passes."""
     torch.manual_seed(seed)
@@ -73,6 +83,8 @@ def _check_every_layer(module: DPQCalibration, damp: float = 0.01) -> int:
         assert got.shape == want.shape
         differ = int((got != want).sum())
         assert differ == 0, f"{name}: {differ} of {want.numel()} codes differ from the objective's argmin"
+        # faiss (a dependency: pyproject.toml) is what `assign` used above; the addmm path too:
+        assert torch.equal(assign_output_aware(X, C, Hd, w.geo, use_faiss=False), want), name
         # The block size changes how the work is cut, never the codes: blocks that split one
         # problem's rows, and blocks that hold several problems.
         for chunk in (37 * 256 * 4, 3 * 256 * 4 * w.geo.group_rows):  # 37 rows; 3 problems
@@ -87,11 +99,7 @@ def test_pooled_1bit_layers_match_the_objective_exactly():
     """d=8, K=256 (configs/dpq_1bit.yaml's arithmetic) with a 64-codeword pool per layer: every
     group's 256 pointers hit at most 64 distinct codewords, so most codes tie exactly with an
     earlier duplicate and only first-index tie-breaking gives the reference's codes."""
-    quant = QuantConfig(d=8, K=256, kmeans_iters=2, kmeans_init="random", kmeans_backend="torch",
-                        overrides=[{"pattern": "final_layer.linear.weight", "granularity": "layer"},
-                                   {"pattern": "y_embedder.*", "granularity": "layer"},
-                                   {"pattern": "x_embedder.proj.weight", "granularity": "layer"}],
-                        pool={"enabled": True, "iters": 2, "size": 64})
+    quant = _pooled_1bit(iters=2, pool_size=64)
     module = _calibration(0, quant, hidden_size=256, depth=1)
     first = next(iter(module._pq.values())).weight_pq
     C = first.effective_codebooks()
@@ -114,11 +122,7 @@ def test_grouped_layers_match_the_objective_exactly():
 def test_adjustment_pass_writes_the_reference_codes():
     """The pass over the model (DPQCalibration.adjust_assignments) stores, layer by layer, the
     codes the reference chooses from the teacher's weights and the flushed moments."""
-    quant = QuantConfig(d=8, K=256, kmeans_iters=1, kmeans_init="random", kmeans_backend="torch",
-                        overrides=[{"pattern": "final_layer.linear.weight", "granularity": "layer"},
-                                   {"pattern": "y_embedder.*", "granularity": "layer"},
-                                   {"pattern": "x_embedder.proj.weight", "granularity": "layer"}],
-                        pool={"enabled": True, "iters": 1, "size": 128})
+    quant = _pooled_1bit(iters=1, pool_size=128)
     module = _calibration(2, quant, hidden_size=256, depth=1)
     changed, total = module.adjust_assignments()
     assert total == sum(m.weight_pq.codes.numel() for m in module._pq.values()) and changed > 0
@@ -130,6 +134,31 @@ def test_adjustment_pass_writes_the_reference_codes():
         want = reference_codes(X, w.effective_codebooks().detach(), damped(module.moments.second_moment(name), 0.01),
                                w.geo)
         assert torch.equal(w.codes.long(), want), name
+
+
+def test_faiss_is_installed_so_the_whitened_search_is_what_runs():
+    """`assign` takes faiss' path on CPU whenever faiss imports; the checks above test that path
+    only if it does (faiss-cpu is a dependency in pyproject.toml)."""
+    from dpq_lightning.quant.kmeans import _faiss
+
+    assert _faiss() is not None
+
+
+def test_first_duplicate_finds_the_first_equal_codeword():
+    """Exact ties go to the first index: the map from each codeword to its first exact copy,
+    against a plain loop; -0.0 and 0.0 differ in bits but are equal codewords (compared as floats)."""
+    from dpq_lightning.quant.assign import first_duplicate
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(40, 8, generator=g)
+    C = base[torch.randint(0, 40, (5, 256), generator=g)]  # (5, 256, 8): many repeats
+    C[:, 7] = 0.0
+    C[:, 9] = -0.0  # equal to codeword 7 as numbers, though not in bits
+    want = torch.tensor([[next(j for j in range(256) if torch.equal(C[i, j], C[i, k])) for k in range(256)]
+                         for i in range(5)])
+    got = first_duplicate(C)
+    assert torch.equal(got, want) and int((got != torch.arange(256)).sum()) > 500
+    assert (got[:, 9] == 7).all()
 
 
 def test_first_argmin_is_argmin_with_ties_and_nan():
@@ -159,8 +188,9 @@ def test_cpu_pass_leaves_the_thread_setting_as_it_found_it(monkeypatch):
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        assert torch.equal(assign_output_aware(X, C, H, geo), reference_codes(X, C, H, geo))
-        assert torch.get_num_threads() == 2
+        for use_faiss in (True, False):  # faiss' whitened search and the addmm path
+            assert torch.equal(assign_output_aware(X, C, H, geo, use_faiss=use_faiss), reference_codes(X, C, H, geo))
+            assert torch.get_num_threads() == 2
         from dpq_lightning.quant import assign as assign_module
 
         def fail(*args, **kwargs):
@@ -169,7 +199,48 @@ def test_cpu_pass_leaves_the_thread_setting_as_it_found_it(monkeypatch):
 
         monkeypatch.setattr(assign_module, "_first_argmin", fail)
         with pytest.raises(RuntimeError, match="interrupted"):
-            assign_output_aware(X, C, H, geo)
+            assign_output_aware(X, C, H, geo, use_faiss=False)
         assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_threaded_pass_gives_the_codes_of_the_sequential_one():
+    """The CPU pass spreads layers over the caller's torch thread count of Python threads (one torch
+    thread each): same codes as one thread, the caller's setting restored, and really two workers."""
+    import threading
+
+    from dpq_lightning.quant.assign import map_one_thread_each
+
+    quant = _pooled_1bit(iters=1, pool_size=128)
+    module = _calibration(3, quant, hidden_size=256, depth=2)
+    start = {n: m.weight_pq.codes.clone() for n, m in module._pq.items()}
+    before = torch.get_num_threads()
+    try:
+        results = {}
+        for threads in (1, 2):
+            for n, m in module._pq.items():
+                m.weight_pq.codes.copy_(start[n])
+            torch.set_num_threads(threads)
+            counts = module.adjust_assignments()
+            assert torch.get_num_threads() == threads
+            results[threads] = (counts, {n: m.weight_pq.codes.clone() for n, m in module._pq.items()})
+        assert results[1][0] == results[2][0] and results[1][0][0] > 0
+        for n in start:
+            assert torch.equal(results[1][1][n], results[2][1][n]), n
+
+        torch.set_num_threads(2)
+        seen = []
+
+        def probe(i: int) -> int:
+            seen.append((threading.get_ident(), torch.get_num_threads()))
+            torch.ones(512, 512) @ torch.ones(512, 512)  # long enough for the other worker to start
+            return i * i
+
+        assert map_one_thread_each(probe, range(8)) == [i * i for i in range(8)]
+        assert {t for _, t in seen} == {1}  # every op on one torch thread inside the workers
+        assert len({ident for ident, _ in seen}) == 2 and threading.get_ident() not in {i for i, _ in seen}
+        assert torch.get_num_threads() == 2
+        assert map_one_thread_each(probe, range(3), cpu=False) == [0, 1, 4]  # other devices: in order, here
     finally:
         torch.set_num_threads(before)

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from ..atomic import write_text_atomic
-from .recipes import FROZEN_TWIN, LENGTH_OF, REASSIGNING, RECIPES, TOLERANCE, choose, length_curves
+from .recipes import ADDS_BYTES, FROZEN_TWIN, LENGTH_OF, REASSIGNING, RECIPES, TOLERANCE, choose, length_curves
 from .report import _plt, _save, protocol_name
 
 # Issue targets for calibrated DPQ, as multiples of the teacher's FID-proxy (and agreement at 1 bit).
@@ -129,7 +129,8 @@ def write_report(results: Path, out: Path) -> Path:
                     lines.append(f"- {r}, seed {s}: FID-proxy {soft:.1f} before hardening (the soft mixture, "
                                  f"agreement {rec['summary']['final_metrics']['soft/agreement']:.3f}), {hard:.1f} "
                                  f"after: hardening costs {hard / soft:.1f}x (the target is at most 1.1x).")
-        winner, why = choose({r: v for r, v in fid_by.items() if r not in LENGTH_OF})  # equal length only
+        # equal length and equal size only
+        winner, why = choose({r: v for r, v in fid_by.items() if r not in LENGTH_OF and r not in ADDS_BYTES})
         lines.append(f"Default by the rule (lowest mean at 400 steps, within {TOLERANCE:.0%} of the best on every seed): "
                      f"**{winner or 'none'}** ({why}).")
         if winner and teacher:
@@ -148,6 +149,14 @@ def write_report(results: Path, out: Path) -> Path:
         if verdicts:
             lines.append("Reassigning codes vs the same recipe with frozen codes: " + "; ".join(verdicts) + ".")
         lines += length_curves(fid_by)
+        for r, base in ADDS_BYTES.items():  # what the extra bytes bought, seed by seed
+            shared = sorted(set(fid_by.get(r, {})) & set(fid_by.get(base, {})))
+            if shared:
+                size = lambda name: runs[(b, name)][shared[0]]["summary"]["size"]["effective_bits"]  # noqa: E731
+                lines.append(f"{r} vs {base} (seeds {', '.join(map(str, shared))}): FID-proxy "
+                             + ", ".join(f"{fid_by[r][s]:.1f} vs {fid_by[base][s]:.1f}" for s in shared)
+                             + f", at {size(r):.3f} vs {size(base):.3f} effective bits "
+                             f"(+{size(r) - size(base):.3f} bits per weight for the correction).")
         lines.append("")
     lines += [f"![FID-proxy per recipe]({fig.name})", ""]
     return write_text_atomic("\n".join(lines), out)

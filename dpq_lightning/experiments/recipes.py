@@ -34,6 +34,7 @@ RECIPES = {
     "floats_1600": "floats, 1600 steps instead of 400",
     "soft_anneal_1600": "soft_anneal, 1600 steps instead of 400",
     "alloc": "winner's calib, bits per layer by sensitivity, same size",
+    "lowrank": "floats, + a rank-1 correction per PQ weight (bytes counted)",
 }
 # Recipes that change the quantization itself (bit allocation), at no more than the cell's size.
 QUANT_RECIPES = ("alloc",)
@@ -44,6 +45,9 @@ FROZEN_TWIN = {"soft_anneal": "floats", "soft_anneal_1600": "floats_1600"}
 # The length curve: a recipe run longer is a point of its base recipe's curve, not a rival recipe;
 # the default is chosen among recipes of equal length (400 steps).
 LENGTH_OF = {"floats_1600": ("floats", 1600), "soft_anneal_1600": ("soft_anneal", 1600)}
+# Recipes that add bytes (a low-rank correction): not rivals at equal size, so not candidates for
+# the default; the report sets each against its equal-size base recipe, size included.
+ADDS_BYTES = {"lowrank": "floats"}
 BASE_STEPS = 400
 TOLERANCE = 0.10  # the default may lose to a seed's best recipe by at most this much
 

@@ -6,6 +6,8 @@ Every byte needed to rebuild the model is counted:
 * per-group codebooks: ``G * K * d`` 16-bit floats, **or** with a pool: ``G * K`` pointers of
   ``ceil(log2 P)`` bits plus the pool's ``P * d`` 16-bit floats;
 * everything left in float (biases, norms, excluded or skipped weights): 16 bits per value;
+* a low-rank correction of a quantized weight, if calibration added one: ``(rows + cols) * r``
+  16-bit floats;
 * the container: the packed file's header with the config and model structure.
 
 Ratios are against FP32 storage of all learnable parameters (``4 bytes x count``). The same
@@ -37,6 +39,8 @@ class ParamSize:
     pointer_bits: int = 0  # pointers into the pool
     pool_bits: int = 0
     float_bits: int = 0
+    lowrank_bits: int = 0  # a low-rank correction U [rows, r] @ V [r, cols] in fp16
+    lowrank: int = 0  # its rank r
     d: int = 0
     K: int = 0
     groups: int = 0
@@ -46,7 +50,8 @@ class ParamSize:
 
     @property
     def total_bits(self) -> int:
-        return self.code_bits + self.codebook_bits + self.pointer_bits + self.pool_bits + self.float_bits
+        return (self.code_bits + self.codebook_bits + self.pointer_bits + self.pool_bits + self.float_bits
+                + self.lowrank_bits)
 
     @property
     def nominal_bits(self) -> float:
@@ -67,9 +72,12 @@ def pq_param_size(
     group_size: int,
     pool_size: int | None,
     in_blocks: bool,
+    lowrank: int = 0,
 ) -> ParamSize:
     numel = math.prod(shape)
     row = ParamSize(name, "pq", numel, tuple(shape), in_blocks, d=d, K=K, groups=groups, group_size=group_size)
+    if lowrank:  # U [shape[0], r] and V [r, prod(shape[1:])]
+        row.lowrank, row.lowrank_bits = lowrank, (shape[0] + numel // shape[0]) * lowrank * FLOAT_BITS
     row.code_bits = groups * group_size * bits_for(K)
     if pool_size is None:
         row.codebook_bits = groups * K * d * FLOAT_BITS
@@ -155,6 +163,7 @@ class SizeReport:
             "pointers": self._sum("pointer_bits") / 8,
             "pool": self._sum("pool_bits") / 8,
             "float": self._sum("float_bits") / 8,
+            **({"lowrank": self._sum("lowrank_bits") / 8} if self._sum("lowrank_bits") else {}),
             "header": float(self.overhead_bytes),
         }
 
@@ -200,7 +209,7 @@ class SizeReport:
                 lines.append(
                     f"{r.name[:44]:<44} {r.kind:<8} {shape:<18} {r.d or '':>2} {r.K or '':>5} "
                     f"{r.pool_size or '':>6} {r.code_bits / 8192:>9.1f} {cb:>9.1f} {r.pool_bits / 8192:>8.1f} "
-                    f"{r.float_bits / 8192:>8.1f} {r.effective_bits:>7.3f}"
+                    f"{(r.float_bits + r.lowrank_bits) / 8192:>8.1f} {r.effective_bits:>7.3f}"
                 )
             lines.append("")
         b = self.breakdown_bytes()
@@ -228,14 +237,14 @@ class SizeReport:
 
 def in_memory_bytes(model) -> dict[str, int]:
     """Bytes a loaded compressed model holds in memory, by part: ``codes``, ``pointers``,
-    ``codebooks`` (per-group codebooks or the pool), ``float`` (every other parameter and buffer),
-    ``total``; next to ``fp32``/``fp16``: the same learnable parameters stored densely. On disk
+    ``codebooks`` (per-group codebooks or the pool), ``lowrank`` (corrections, if any), ``float``
+    (every other parameter and buffer), ``total``; next to ``fp32``/``fp16``: the same learnable parameters stored densely. On disk
     the codes are bit-packed; in memory they are the narrowest integer type their K needs."""
     from torch import nn
 
     from . import PQ_MODULES
 
-    parts = {"codes": 0, "pointers": 0, "codebooks": 0, "float": 0}
+    parts = {"codes": 0, "pointers": 0, "codebooks": 0, "lowrank": 0, "float": 0}
     seen: set[int] = set()
     dense = 0
     for m in model.modules():
@@ -243,7 +252,7 @@ def in_memory_bytes(model) -> dict[str, int]:
             w = m.weight_pq
             dense += math.prod(w.geo.shape)  # the dense weight it stands for
             for key, t in (("codes", w.codes), ("pointers", w.pointers), ("codebooks", w.codebooks),
-                           ("codebooks", w.pool)):
+                           ("codebooks", w.pool), ("lowrank", w.lowrank_u), ("lowrank", w.lowrank_v)):
                 if t is not None:
                     parts[key] += t.numel() * t.element_size()
                     seen.add(id(t))

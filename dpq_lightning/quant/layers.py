@@ -9,6 +9,8 @@ float layers one for one and call the functional op with the decoded weight.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -68,10 +70,39 @@ class PQWeight(nn.Module):
         # counted by every in-memory account of parameters + buffers.
         self.register_buffer("decoded", None, persistent=False)
         self._decoded_key: tuple | None = None
+        # Optional low-rank correction (calibration's ``lowrank_rank``): weight = decoded + U @ V,
+        # U [rows, r], V [r, cols] over the weight viewed as a matrix; stored in fp16 and counted
+        # in the size (accounting.pq_param_size).
+        self.register_parameter("lowrank_u", None)
+        self.register_parameter("lowrank_v", None)
         if pool_size is None:
             self.set_codebooks(torch.zeros(G, K, d))  # (G, K, d)
         else:
             self.set_pool(torch.zeros(pool_size, d), torch.zeros(G, K, dtype=torch.long))  # (P, d), (G, K)
+
+    @property
+    def lowrank_rank(self) -> int:
+        """Rank of the low-rank correction (0: none)."""
+        return 0 if self.lowrank_u is None else self.lowrank_u.shape[1]
+
+    def matrix_shape(self) -> tuple[int, int]:
+        """The weight as a matrix: ``(shape[0], prod(shape[1:]))`` (a conv's kernel flattened)."""
+        shape = self.geo.shape
+        return shape[0], math.prod(shape[1:])
+
+    def set_lowrank(self, U: torch.Tensor, V: torch.Tensor) -> None:
+        """Add (or replace) the correction ``U [rows, r] @ V [r, cols]`` to the decoded weight."""
+        rows, cols = self.matrix_shape()
+        if U.dim() != 2 or V.dim() != 2 or U.shape[0] != rows or V.shape[1] != cols or U.shape[1] != V.shape[0]:
+            raise ValueError(f"low-rank factors {tuple(U.shape)} @ {tuple(V.shape)} do not make this weight's "
+                             f"{rows}x{cols} matrix (shape {tuple(self.geo.shape)})")
+        self.lowrank_u = nn.Parameter(U.detach().clone())
+        self.lowrank_v = nn.Parameter(V.detach().clone())
+
+    def _with_lowrank(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.lowrank_u is None:
+            return weight
+        return weight + (self.lowrank_u @ self.lowrank_v).reshape(weight.shape)  # (rows, cols) -> weight shape
 
     @property
     def has_pool(self) -> bool:
@@ -118,8 +149,8 @@ class PQWeight(nn.Module):
         """Identity and in-place version of every tensor the decoded weight is computed from: any
         change to codes, codebooks, pool or pointers (an optimizer step, a reassignment, a
         ``set_pool``) changes it, so a kept decoded weight is never stale."""
-        return tuple((id(t), t._version) for t in (self.codes, self.codebooks, self.pool, self.pointers)
-                     if t is not None)
+        return tuple((id(t), t._version) for t in (self.codes, self.codebooks, self.pool, self.pointers,
+                                                   self.lowrank_u, self.lowrank_v) if t is not None)
 
     def keep_decoded(self, enable: bool = True) -> None:
         """Decode once and reuse the weight in every forward that needs no gradient (inference);
@@ -135,17 +166,18 @@ class PQWeight(nn.Module):
         self._decoded_key = self._decode_key()
 
     def forward(self) -> torch.Tensor:
-        if self.decoded is not None and not (torch.is_grad_enabled() and self._table().requires_grad):
+        if self.decoded is not None and not (torch.is_grad_enabled() and any(
+                p.requires_grad for p in (self._table(), self.lowrank_u) if p is not None)):
             if self._decoded_key != self._decode_key():  # codes or codebooks changed since: decode again
                 self.keep_decoded()
             return self.decoded
         table = self._table()
         if self.soft_logits is not None:
-            return from_groups(self._soft_groups(table), self.geo)
+            return self._with_lowrank(from_groups(self._soft_groups(table), self.geo))
         # Not table[idx]: advanced indexing's multi-threaded CPU scatter-add has no fixed summation
         # order (resume would not be bit-exact); gather_rows' backward does.
         groups = gather_rows(table, self.flat_index())  # (G, N, d)
-        return from_groups(groups, self.geo)  # original weight shape
+        return self._with_lowrank(from_groups(groups, self.geo))  # original weight shape
 
     # ---- soft candidates (VQ4DiT-style assignment, an ablation of the calibration) ----------
     def start_soft(self, X: torch.Tensor, n: int, temperature: float = 1.0) -> None:
@@ -195,7 +227,8 @@ class PQWeight(nn.Module):
     def extra_repr(self) -> str:
         g = self.geo
         pool = f", pool={self.pool_size}" if self.has_pool else ""
-        return f"shape={g.shape}, d={g.d}, K={self.K}, groups={g.num_groups}x{g.group_size}{pool}"
+        lowrank = f", lowrank={self.lowrank_rank}" if self.lowrank_rank else ""
+        return f"shape={g.shape}, d={g.d}, K={self.K}, groups={g.num_groups}x{g.group_size}{pool}{lowrank}"
 
 
 class _PQModule(nn.Module):

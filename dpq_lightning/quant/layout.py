@@ -21,14 +21,18 @@ from .geometry import Geometry
 FORMAT = "dpq-packed/1"
 
 
-def pq_entry(kind: str, geo: Geometry, K: int, pool_size: int | None, conv_args: dict | None) -> dict:
-    return {
+def pq_entry(kind: str, geo: Geometry, K: int, pool_size: int | None, conv_args: dict | None,
+             lowrank: int = 0) -> dict:
+    entry = {
         "kind": kind,
         "geo": geo.to_dict(),
         "K": K,
         "pool_size": pool_size,
         "conv_args": conv_args,
     }
+    if lowrank:  # only when present: files without a correction keep their exact header
+        entry["lowrank"] = lowrank
+    return entry
 
 
 def tensor_specs(structure: dict) -> dict[str, tuple[str, list[int]]]:
@@ -43,6 +47,11 @@ def tensor_specs(structure: dict) -> dict[str, tuple[str, list[int]]]:
         else:
             specs[f"{m}.pool"] = ("F16", [P, d])
             specs[f"{m}.pointers"] = ("U8", [packed_nbytes(G * K, bits_for(P))])
+        r = e.get("lowrank", 0)
+        if r:  # U [rows, r], V [r, cols] of the weight as a matrix
+            rows = geo.shape[0]
+            specs[f"{m}.lowrank_u"] = ("F16", [rows, r])
+            specs[f"{m}.lowrank_v"] = ("F16", [r, math.prod(geo.shape) // rows])
     for name, shape in structure["float"].items():
         specs[name] = ("F16", list(shape))
     return specs

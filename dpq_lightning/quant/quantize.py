@@ -65,7 +65,7 @@ def structure_of(model: nn.Module) -> dict:
         if isinstance(mod, PQ_MODULES):
             w: PQWeight = mod.weight_pq
             conv = mod.conv_args if kind_of(mod) == "conv2d" else None
-            pq[name] = pq_entry(kind_of(mod), w.geo, w.K, w.pool_size, conv)
+            pq[name] = pq_entry(kind_of(mod), w.geo, w.K, w.pool_size, conv, w.lowrank_rank)
     params = dict(model.named_parameters())
     for name in state_of(model).float_names:
         floats[name] = list(params[name].shape)
@@ -77,7 +77,7 @@ def _size_rows(structure: dict, left_float: dict, blocks_prefix: str) -> list[Pa
     for m, e in structure["pq"].items():
         geo = Geometry.from_dict(e["geo"])
         rows.append(pq_param_size(f"{m}.weight", geo.shape, geo.d, e["K"], geo.num_groups, geo.group_size,
-                                  e["pool_size"], f"{m}.".startswith(blocks_prefix)))
+                                  e["pool_size"], f"{m}.".startswith(blocks_prefix), e.get("lowrank", 0)))
     for name, shape in structure["float"].items():
         kind, note = left_float.get(name, ("float", ""))
         rows.append(float_param_size(name, tuple(shape), kind, name.startswith(blocks_prefix), note))
