@@ -219,7 +219,7 @@ def machine_busy_seconds() -> float:
     return (sum(f[:8]) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
 
 
-def bench_assign_xl(repeats: int, packed: str | None = None, threads: int = 2) -> dict:
+def bench_assign_xl(repeats: int, packed: str | None = None, threads: int = 2, baseline_once: bool = False) -> dict:
     """One adjustment pass (``DPQCalibration.adjust_assignments``) over DiT-XL/2 at 1 bit, the
     previous output-aware implementation and this one alternating in one process (this one also
     with 1 torch thread when ``threads`` > 1); the codes of the two are compared code by code.
@@ -250,8 +250,10 @@ def bench_assign_xl(repeats: int, packed: str | None = None, threads: int = 2) -
     result_codes = {}
     total = 0
     try:
-        for _ in range(repeats):
+        for rep in range(repeats):
             for key, (rule, driver, fn, n_threads) in impls.items():
+                if baseline_once and rep > 0 and driver == "previous":
+                    continue  # the slow baselines once; the versions being timed every round
                 for m, c0 in zip(pq, start):
                     m.weight_pq.codes.copy_(c0)
                 module.cfg.assignment = rule
@@ -290,6 +292,8 @@ def main() -> None:
     p.add_argument("--packed", help="--assign-xl: take the student from this 1-bit DiT-XL/2 packed file "
                    "(bench_stage1.py --keep writes one; pooled codebooks as configs/dpq_1bit.yaml)")
     p.add_argument("--json", help="--assign-xl: write the timings to this JSON file")
+    p.add_argument("--baseline-once", action="store_true",
+                   help="--assign-xl: run the previous/last-version rows in the first round only")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.model:
@@ -299,16 +303,16 @@ def main() -> None:
             r = bench_step(key, args.steps)
             print(f"| {r['model']} | {r['batch']} | {r['plain_s']:.4f} | {r['calib_s']:.4f} | {r['ratio']:.2f}x |", flush=True)
     if args.assign_xl:
-        res = bench_assign_xl(args.repeats, args.packed, args.threads)
+        res = bench_assign_xl(args.repeats, args.packed, args.threads, args.baseline_once)
         st = res["stats"]
         base_key = next(iter(st))
         base_wall, base_cpu = (statistics.median(st[base_key][k]) for k in ("wall", "cpu"))
-        print(f"| implementation | wall s per pass (min / median / max of {args.repeats}) | wall vs previous "
-              f"| process CPU s (median) | CPU vs previous | other processes (cores, median) |")
-        print("|---|---|---|---|---|---|")
+        print("| implementation | passes | wall s per pass (min / median / max) | wall vs previous "
+              "| process CPU s (median) | CPU vs previous | other processes (cores, median) |")
+        print("|---|---|---|---|---|---|---|")
         for key, v in st.items():
             w, cpu = statistics.median(v["wall"]), statistics.median(v["cpu"])
-            print(f"| {key} | {min(v['wall']):.1f} / {w:.1f} / {max(v['wall']):.1f} | {w / base_wall:.3f}x "
+            print(f"| {key} | {len(v['wall'])} | {min(v['wall']):.1f} / {w:.1f} / {max(v['wall']):.1f} | {w / base_wall:.3f}x "
                   f"| {cpu:.1f} | {cpu / base_cpu:.3f}x | {statistics.median(v['others_cores']):.2f} |")
         print(f"codes per pass: {res['codes']:,}; re-chosen vs the starting codes: {res['changed_vs_start']:,}")
         for key, n in res["differ"].items():

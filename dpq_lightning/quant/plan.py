@@ -99,7 +99,7 @@ def make_plan(model: nn.Module, cfg: QuantConfig) -> Plan:
             mname = name[: -len(".weight")]
             layers.append(LayerPlan(mname, name, geo, K))
         elif p.dim() >= 2 and selected:
-            floats.append(FloatPlan(name, shape, "skipped", f"no PQ module for its owner type"))
+            floats.append(FloatPlan(name, shape, "skipped", "no PQ module for its owner type"))
         else:
             floats.append(FloatPlan(name, shape, "float" if p.dim() < 2 else "excluded",
                                     "" if p.dim() < 2 else "not selected by quant.include/exclude"))
