@@ -32,7 +32,10 @@ def test_train_quickstart_main_job(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     size = (out / "model.dpq").stat().st_size
     assert abs(size / summary["size"]["total_bytes"] - 1) < 0.03
-    assert summary["size"]["nominal_bits"] == 1.0 and summary["steps"] == 20
+    # 1 bit per weight on average (the sensitivity allocation moves bits between layers: 1.007),
+    # 1.205 effective bits with pool and floats; never more than the 1.3
+    assert abs(summary["size"]["nominal_bits"] - 1.0) < 0.01 and summary["size"]["effective_bits"] <= 1.3
+    assert summary["steps"] == 20
     assert (out / "config.yaml").read_text().count("quickstart") >= 1
     assert (out / "stage1.dpq").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
 
