@@ -128,3 +128,28 @@ def test_length_variants_draw_a_curve_and_do_not_compete_for_the_default():
                                   "1600 vs 400 steps: 0.60x."]
     assert length_curves({"floats": {1: 1.0}, "floats_1600": {0: 1.0}}) == []
     assert set(LENGTH_OF) <= set(RECIPES) and all(b in RECIPES for b, _ in LENGTH_OF.values())
+
+
+def test_without_a_winner_the_report_names_the_lowest_mean_and_its_seed_record():
+    """The 2-bit case of docs/results-recipes.md: every recipe loses some seed by more than 10%."""
+    from dpq_lightning.experiments.recipe_report import lowest_mean_line
+
+    fid = {"alloc": {0: 4.4, 1: 5.6, 2: 4.3}, "frozen": {0: 6.1, 1: 4.8, 2: 5.6}, "floats": {0: 6.6, 1: 5.4, 2: 5.1},
+           "floats_1600": {0: 1.0}, "lowrank": {0: 1.0}, "distill": {0: 5.0}}
+    assert choose({r: v for r, v in fid.items() if r in ("alloc", "frozen", "floats")})[0] is None
+    # length and extra-byte variants never count; a recipe on other seeds is no rival
+    assert lowest_mean_line(fid, 3.15) == ("No recipe meets the rule. Lowest mean over seeds 0, 1, 2: alloc (4.8, 1.5x "
+                                           "the teacher); seed by seed it beats frozen on 2 of 3, floats on 2 of 3.")
+
+
+def test_a_recipe_that_adds_bytes_is_set_against_its_base_with_both_sizes():
+    from dpq_lightning.experiments.recipe_report import extra_bytes_lines
+    from dpq_lightning.experiments.recipes import ADDS_BYTES
+
+    assert ADDS_BYTES == {"lowrank": "floats"} and "lowrank" in RECIPES
+    bits = {"lowrank": 1.286, "floats": 1.205}
+    fid = {"lowrank": {0: 9.0, 2: 8.0}, "floats": {0: 12.0, 1: 11.0}}
+    assert extra_bytes_lines(fid, lambda r, s: bits[r]) == [
+        "lowrank vs floats (seeds 0): FID-proxy 9.0 vs 12.0, at 1.286 vs 1.205 effective bits "
+        "(+0.081 bits per weight for the correction)."]
+    assert extra_bytes_lines({"floats": {0: 1.0}}, lambda r, s: 0.0) == []
