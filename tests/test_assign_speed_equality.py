@@ -244,3 +244,32 @@ def test_threaded_pass_gives_the_codes_of_the_sequential_one():
         assert map_one_thread_each(probe, range(3), cpu=False) == [0, 1, 4]  # other devices: in order, here
     finally:
         torch.set_num_threads(before)
+
+
+def test_faiss_settings_hold_while_any_thread_is_inside():
+    """faiss' BLAS threshold is process-wide: with contexts open on two threads, the first one
+    out must not restore it under the other (whose searches would switch path); the last one out
+    restores the original."""
+    import threading
+
+    from dpq_lightning.quant.kmeans import _FAISS_BLAS_THRESHOLD, _faiss, _FaissSettings
+
+    faiss = _faiss()
+    original = faiss.cvar.distance_compute_blas_threshold
+    assert original != _FAISS_BLAS_THRESHOLD  # else the check below could not fail
+    inside, leave_a, seen = threading.Event(), threading.Event(), []
+
+    def a():
+        with _FaissSettings(faiss, single_thread=True):
+            inside.set()
+            leave_a.wait(10)
+
+    t = threading.Thread(target=a)
+    t.start()
+    inside.wait(10)
+    with _FaissSettings(faiss, single_thread=True):
+        leave_a.set()
+        t.join(10)  # thread a has left its context; this one is still open
+        seen.append(faiss.cvar.distance_compute_blas_threshold)
+    assert seen == [_FAISS_BLAS_THRESHOLD]
+    assert faiss.cvar.distance_compute_blas_threshold == original

@@ -196,7 +196,7 @@ def test_limit_changes_moves_only_the_largest_gains():
 def test_quant_core_imports_only_torch():
     """Dependencies point inward: quant/ imports torch and the standard library only (faiss and
     numpy appear lazily inside the optional faiss backend)."""
-    allowed = {"torch", "math", "copy", "dataclasses", "typing", "fnmatch", "json", "time", "__future__", "concurrent"}
+    allowed = {"torch", "math", "copy", "dataclasses", "typing", "fnmatch", "json", "time", "__future__", "concurrent", "threading"}
     lazy_ok = {"faiss", "numpy"}
     root = Path(__file__).parents[1] / "dpq_lightning" / "quant"
     files = sorted(root.glob("*.py"))

@@ -160,17 +160,17 @@ def write_report(results: Path, out: Path) -> Path:
                     lines.append(f"- {r}, seed {s}: FID-proxy {soft:.1f} before hardening (the soft mixture, "
                                  f"agreement {rec['summary']['final_metrics']['soft/agreement']:.3f}), {hard:.1f} "
                                  f"after: hardening costs {hard / soft:.1f}x (the target is at most 1.1x).")
-        # equal length and equal size only
-        winner, why = choose({r: v for r, v in fid_by.items() if r not in LENGTH_OF and r not in ADDS_BYTES})
+        rivals = {r: v for r, v in fid_by.items() if r not in LENGTH_OF and r not in ADDS_BYTES}  # equal length and size
+        winner, why = choose(rivals)
         lines.append(f"Default by the rule (lowest mean at 400 steps, within {TOLERANCE:.0%} of the best on every seed): "
                      f"**{winner or 'none'}** ({why}).")
         if winner and teacher:
             ratio = sum(fid_by[winner].values()) / len(fid_by[winner]) / teacher
             lines.append(f"Against the target: {ratio:.1f}x the teacher's FID-proxy vs at most {mult}x: "
                          + ("met." if ratio <= mult else f"missed by a factor {ratio / mult:.1f}."))
-        best = winner or (min(fid_by, key=lambda r: sum(fid_by[r].values()) / len(fid_by[r])) if fid_by else None)
+        best = winner or (min(rivals, key=lambda r: sum(rivals[r].values()) / len(rivals[r])) if rivals else None)
         if winner is None and best:
-            lines.append(lowest_mean_line(fid_by, teacher))
+            lines.append(lowest_mean_line(rivals, teacher))
         if best:
             lines.append(remaining_error(best, runs[(b, best)]))
         verdicts = []

@@ -263,7 +263,7 @@ def _assign_faiss(faiss, X: torch.Tensor, C: torch.Tensor, H: torch.Tensor, geo:
         for b in range(B):
             faiss.knn_L2sqr(ptr(xn[b]), ptr(cn[b]), d, gr, K, 1, ptr(dn[b]), ptr(idn[b]))
     codes = idx.reshape(G, gc, gr).transpose(1, 2).reshape(G, N)  # (G, N)
-    return torch.gather(first_duplicate(C).long(), 1, codes)  # exact ties: the first index
+    return torch.gather(first_duplicate(C), 1, codes)  # exact ties: the first index
 
 
 def code_cost(X: torch.Tensor, C: torch.Tensor, codes: torch.Tensor, geo: Geometry,

@@ -21,6 +21,8 @@ BLAS search path switched on for small query counts, and many small calls run si
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
@@ -50,7 +52,7 @@ def _faiss():
 class _FaissSettings:
     """Context for a batch of faiss calls: the BLAS search path for any number of queries, and
     one OpenMP thread per call when the calls are many and small (``single_thread``). Both are
-    process-wide faiss settings, restored on exit.
+    restored on exit (see below for contexts open on several threads at once).
 
     Why one thread: a group is a few thousand points, so each faiss call is a few hundred
     microseconds of work split by OpenMP into regions that end in barriers. On a machine shared
@@ -60,20 +62,36 @@ class _FaissSettings:
     for groups this small. One large call (a single group, e.g. the pool) keeps all threads.
     """
 
+    # The BLAS threshold is one process-wide faiss variable, and the assignment pass calls faiss
+    # from several threads at once (quant/assign.py: map_one_thread_each): the first context in
+    # sets it and the last one out restores it, so no thread's calls ever run under the old value
+    # (a different search path, slower and rounded differently). The OpenMP thread count is a
+    # per-thread setting: each context saves and restores its own thread's.
+    _lock = threading.Lock()
+    _depth = 0
+    _saved_blas: int | None = None
+
     def __init__(self, faiss, single_thread: bool):
         self.faiss, self.single_thread = faiss, single_thread
 
     def __enter__(self):
-        f = self.faiss
-        self.old_blas = f.cvar.distance_compute_blas_threshold
-        f.cvar.distance_compute_blas_threshold = _FAISS_BLAS_THRESHOLD
+        f, cls = self.faiss, type(self)
+        with cls._lock:
+            if cls._depth == 0:
+                cls._saved_blas = f.cvar.distance_compute_blas_threshold
+                f.cvar.distance_compute_blas_threshold = _FAISS_BLAS_THRESHOLD
+            cls._depth += 1
         self.old_threads = f.omp_get_max_threads()
         if self.single_thread:
             f.omp_set_num_threads(1)
 
     def __exit__(self, *exc):
-        self.faiss.cvar.distance_compute_blas_threshold = self.old_blas
+        cls = type(self)
         self.faiss.omp_set_num_threads(self.old_threads)
+        with cls._lock:
+            cls._depth -= 1
+            if cls._depth == 0:
+                self.faiss.cvar.distance_compute_blas_threshold = cls._saved_blas
         return False
 
 
