@@ -5,6 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 RULES = ("output_aware", "nearest", "frozen", "soft")
+# The soft rule's own keys: calibration.py reads them only when ``assignment == "soft"``.
+SOFT_KEYS = ("soft_candidates", "soft_threshold", "soft_lr", "soft_hold", "soft_sharpen", "soft_tau_end",
+             "soft_anneal_frac")
+# The re-assignment pass's keys (calibration.adjust_assignments): the soft rule never calls it;
+# frozen codes never call anything every assign_every steps.
+REASSIGN_KEYS = ("assign_damp", "assign_fraction")
 
 
 @dataclass
@@ -36,6 +42,15 @@ class CalibConfig:
     t_sampling: str = "uniform"  # uniform | error: t drawn in proportion to the stage-1 block error
     t_buckets: int = 10  # t_sampling=error: buckets of the 1000 steps, each measured once at step 0
     label_dropout: float = 0.1  # DiT's classifier-free-guidance label dropout (same mask for both)
+
+    def unused_keys(self) -> tuple[str, ...]:
+        """Keys this calibration never reads under its ``assignment`` rule. Two configs that differ
+        only here define the same run (experiments.runner.experiment_key)."""
+        if self.assignment == "soft":
+            return REASSIGN_KEYS
+        if self.assignment == "frozen":
+            return SOFT_KEYS + REASSIGN_KEYS + ("assign_every",)
+        return SOFT_KEYS
 
     def __post_init__(self) -> None:
         if self.assignment not in RULES:

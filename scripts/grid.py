@@ -6,7 +6,8 @@
     python scripts/grid.py --arithmetic        # the size table: configs/mini next to DiT-XL/2's configs
     python scripts/grid.py --seed 0 --quick --results /tmp/g --runs /tmp/g/runs   # tiny counts (smoke)
 
-A grid is resumable: a cell whose result file exists for the same resolved config is skipped.
+A grid is resumable: a cell whose result file exists for the same run is skipped, and a cell that
+the recipe comparison already ran (same run, another name; --reuse) takes that run's record.
 Every cell prints one progress line. The logic lives in ``dpq_lightning.experiments``.
 """
 
@@ -24,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     p = list_parser(__doc__, ROOT, "results-mini", "grid-mini")
     p.add_argument("--arithmetic", action="store_true", help="print the size arithmetic table")
     p.add_argument("--bits", type=int, nargs="+", default=[3, 2, 1])
+    p.add_argument("--reuse", type=Path, nargs="*", default=[ROOT / "docs" / "results-recipes"],
+                   help="results of other lists: a cell that is the same run as one of their records "
+                        "(only the name differs) takes it (default: the recipe comparison's)")
     args = p.parse_args(argv)
     if args.seed is None and not (args.report or args.arithmetic):
         p.error("give --seed S, --report or --arithmetic")
@@ -35,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(render_arithmetic(arithmetic_table(args.configs))))
     return run_then_report(
         args, lambda overrides: run_grid(args.seed, args.configs / "mini", args.runs, args.results, overrides,
-                                         tuple(args.bits)),
+                                         tuple(args.bits), reuse=tuple(args.reuse)),
         lambda out: write_report(args.results, args.configs, out))
 
 if __name__ == "__main__":

@@ -102,6 +102,21 @@ def test_grid_runs_through_train_py_and_resumes(tmp_path, monkeypatch):
     assert "| DPQ+calib | 1 |" in md and "| VQ | 1 | 1.229 / 1.177" in md
     for png in ("report-fid-vs-bits.png", "report-trajectory.png"):
         assert (tmp_path / png).stat().st_size > 1000
+    assert "1 bit: soft candidate sets (n=3, temperature 1 -> 0.01 over 75% of the steps, then locked), " \
+           "norms/biases/embedders trained, 3 steps" in md
+    # a second seed (the same records, seed 6, DPQ+calib's FID doubled): means, spread, a means line per claim
+    (results / "seed6").mkdir()
+    for f in (results / "seed5").glob("*.json"):
+        rec = json.loads(f.read_text())
+        if "config" in rec:
+            rec["config"] = rec["config"].replace("seed: 5", "seed: 6")
+            if f.stem == "dpq_1bit":
+                rec["summary"]["eval"]["student"]["fid_proxy"] *= 2
+        (results / "seed6" / f.name).write_text(json.dumps(rec))
+    fid = recs["dpq_1bit"]["summary"]["eval"]["student"]["fid_proxy"]
+    md2 = write_report(results, ROOT / "configs", tmp_path / "report2.md").read_text()
+    assert "(seeds 5, 6)" in md2 and md2.count("- means over seeds: ") == 4
+    assert f"| DPQ+calib | 1 | {1.5 * fid:.1f} [{fid:.1f} / {2 * fid:.1f}] | 2.00x |" in md2
 
 
 def test_a_half_finished_run_is_kept_only_for_the_same_config(tmp_path):
@@ -116,3 +131,66 @@ def test_a_half_finished_run_is_kept_only_for_the_same_config(tmp_path):
     assert same_config(tmp_path, to_yaml(cfg))
     other = load_config(ROOT / "configs" / "mini" / "dpq_1bit.yaml", [f"output_dir={tmp_path}", "seed=1"])
     assert not same_config(tmp_path, to_yaml(other))
+
+
+def test_same_experiment_ignores_names_and_keys_the_rule_never_reads():
+    """Two configs that differ only in the run's name, folder, the teacher flag or keys their
+    assignment rule never reads are the same run; any other difference is another run."""
+    from dpq_lightning.calib_config import CalibConfig
+    from dpq_lightning.config import load_config, to_yaml
+    from dpq_lightning.experiments.runner import same_experiment
+
+    assert set(CalibConfig(assignment="frozen").unused_keys()) >= {"soft_lr", "soft_candidates", "assign_every"}
+    assert "soft_lr" not in CalibConfig(assignment="soft").unused_keys()
+    assert "assign_every" not in CalibConfig(assignment="output_aware").unused_keys()
+
+    def cfg(path, *over):
+        return load_config(ROOT / "configs" / "mini" / path, list(over))
+
+    frozen = to_yaml(cfg("dpq_2bit.yaml"))
+    assert cfg("dpq_2bit.yaml").calib.assignment == "frozen"
+    assert same_experiment(frozen, cfg("dpq_2bit.yaml", "name=other", "output_dir=/tmp/x", "eval.final_teacher=false",
+                                       "calib.soft_lr=0.5", "calib.assign_every=7"))
+    assert not same_experiment(frozen, cfg("dpq_2bit.yaml", "calib.lr=0.002"))
+    assert not same_experiment(frozen, cfg("dpq_2bit.yaml", "seed=1"))
+    soft = to_yaml(cfg("dpq_1bit.yaml"))
+    assert not same_experiment(soft, cfg("dpq_1bit.yaml", "calib.soft_lr=0.5"))
+    assert not same_experiment(soft, cfg("dpq_1bit.yaml", "calib.assign_every=7"))
+    # a record written before a key existed: the key takes its default, which keeps the old behaviour
+    old = soft.replace("  lowrank_rank: 0\n", "")
+    assert old != soft and same_experiment(old, cfg("dpq_1bit.yaml"))
+    assert not same_experiment(soft.replace("  lowrank_rank: 0\n", "  lowrank_rank: 0\n  gone_key: 1\n"),
+                               cfg("dpq_1bit.yaml"))  # a key since removed: not comparable, so run again
+    # a stage-1-only cell never calibrates: its calib section does not matter
+    st1 = to_yaml(cfg("dpq_1bit_stage1.yaml"))
+    assert same_experiment(st1, cfg("dpq_1bit_stage1.yaml", "calib.assignment=frozen", "calib.lr=0.5"))
+
+
+def test_a_cell_takes_the_record_of_the_same_run_from_another_list(tmp_path, monkeypatch):
+    """The grid's calibrated cell is the recipe comparison's winning run under another name: the
+    runner takes that record (marked) instead of running it again, and nothing else."""
+    from dpq_lightning.config import to_yaml
+    from dpq_lightning.experiments.runner import Entry, resolved, run_entries
+
+    monkeypatch.chdir(ROOT)
+    other = tmp_path / "results-recipes"
+    (other / "seed3").mkdir(parents=True)
+    entry = Entry("dpq_1bit", ROOT / "configs" / "mini" / "dpq_1bit.yaml", {"scheme": "DPQ", "bits": 1, "calibrated": True})
+    theirs = resolved(entry, tmp_path / "runs-recipes" / "seed3" / "soft_anneal", 3, ["name=mini_dpq_1bit_soft_anneal"])
+    summary = {"eval": {"student": {"fid_proxy": 6.5, "agreement": 0.99}}, "size": {"effective_bits": 1.205}}
+    (other / "seed3" / "dpq_1bit_soft_anneal.json").write_text(json.dumps(
+        {"name": "dpq_1bit_soft_anneal", "seed": 3, "seconds": 700.0, "config": to_yaml(theirs), "summary": summary}))
+    # another run of another recipe in the same folder is not taken
+    diff = resolved(entry, tmp_path / "x", 3, ["calib.lr=0.5"])
+    (other / "seed3" / "a_floats.json").write_text(json.dumps({"config": to_yaml(diff), "summary": {}}))
+    lines: list[str] = []
+    recs = run_entries([entry], 3, tmp_path / "runs", tmp_path / "results", log=lines.append, reuse=(other,))
+    assert len(lines) == 1 and "the same run as results-recipes/seed3/dpq_1bit_soft_anneal.json" in lines[0]
+    rec = json.loads((tmp_path / "results" / "seed3" / "dpq_1bit.json").read_text())
+    assert rec == recs[0] and rec["summary"] == summary and rec["seconds"] == 700.0
+    assert rec["reused_from"] == "results-recipes/seed3/dpq_1bit_soft_anneal.json" and rec["name"] == "dpq_1bit"
+    assert "name: mini_dpq_1bit\n" in rec["config"] and not (tmp_path / "runs" / "seed3" / "dpq_1bit").exists()
+    # resumed: now its own record, skipped
+    again: list[str] = []
+    run_entries([entry], 3, tmp_path / "runs", tmp_path / "results", log=again.append, reuse=(other,))
+    assert again == ["[1/1] seed 3 dpq_1bit: done before, skipped"]

@@ -61,12 +61,13 @@ def entries(configs: Path, bits: tuple[int, ...] = BITS) -> list[Entry]:
 
 
 def run_grid(seed: int, configs: Path, runs: Path, results: Path, overrides: list[str] | None = None,
-             bits: tuple[int, ...] = BITS, log: Callable[[str], None] = print) -> Path:
+             bits: tuple[int, ...] = BITS, log: Callable[[str], None] = print, reuse: tuple[Path, ...] = ()) -> Path:
     """Run every cell for ``seed``; return ``results/seed<S>`` (with ``grid.json``: cost, machine,
     date). ``overrides`` go to every cell (e.g. tiny counts for a smoke run); only the first cell
-    measures the teacher."""
+    measures the teacher. A cell that is the same run as a record under ``reuse`` (say the recipe
+    comparison's, whose winner is the calibrated cell's recipe) takes that record."""
     todo = entries(configs, bits)
-    records = run_entries(todo, seed, runs, results, overrides, log)
+    records = run_entries(todo, seed, runs, results, overrides, log, reuse=reuse)
     dest = results / f"seed{seed}"
     write_meta(dest, seed, [e.name for e in todo], records, overrides, "grid.json")
     return dest

@@ -9,7 +9,6 @@ and the teacher file) is the same; the table shows means over seeds with each se
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 from ..atomic import write_text_atomic
@@ -49,10 +48,19 @@ def protocol_name(p: dict) -> str:
 
 
 def protocol_key(records: list[dict]) -> str:
-    """Everything that must agree between seeds: each config minus its seeds and output folder."""
-    strip = re.compile(r"^(seed|output_dir|  seed): .*$", re.M)
-    return json.dumps([strip.sub("", r["config"]) for r in records]) + json.dumps(
-        [[r["summary"]["eval"]["protocol"], r.get("teacher_sha256")] for r in records], sort_keys=True)
+    """Everything that must agree between seeds: what each cell's config computes
+    (:func:`.runner.experiment_key`, so records written before a key was added still match)
+    minus its seeds, and the teacher file."""
+    from .runner import experiment_key, saved_config
+
+    keys = []
+    for r in records:
+        cfg = saved_config(r["config"])
+        k = experiment_key(cfg) if cfg is not None else {"unreadable": r["config"]}
+        k.pop("seed", None)
+        k.get("quant", {}).pop("seed", None)
+        keys.append([k, r.get("teacher_sha256")])
+    return json.dumps(keys, sort_keys=True)
 
 
 def load_all(results: Path) -> tuple[dict[int, list[dict]], dict[int, dict], list[str]]:
@@ -81,6 +89,9 @@ def merged(rows_by_seed: dict[int, list[dict]]) -> list[dict]:
             m[k] = sum(r[k] for r in same) / len(same)
         m["fid_seeds"] = [r["fid"] for r in same]
         m["trajectories"] = [r["trajectory"] for r in same if r.get("trajectory")]
+        ts = m["trajectories"]  # [seeds][steps][blocks] -> the mean over seeds, [steps][blocks]
+        m["trajectory"] = ([[sum(t[i][j] for t in ts) / len(ts) for j in range(len(ts[0][i]))]
+                            for i in range(len(ts[0]))] if ts and len(ts) == len(same) else None)
         out.append(m)
     return out
 
@@ -134,6 +145,39 @@ def fig_trajectory(rows: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
+def calib_text(results: Path, metas: dict[int, dict]) -> str:
+    """Which calibration the calibrated cells ran, per bit level, read from their records (the
+    first seed's: the protocol key makes the seeds agree)."""
+    from .runner import saved_config
+
+    s0, parts = next(iter(metas)), {}
+    for cell in metas[s0]["cells"]:
+        record = json.loads((results / f"seed{s0}" / f"{cell}.json").read_text())
+        cfg = saved_config(record["config"]) if record.get("calibrated") else None
+        if cfg is not None and record["bits"] not in parts:
+            c = cfg.calib
+            rule = (f"soft candidate sets (n={c.soft_candidates}, temperature 1 -> {c.soft_tau_end:g} over "
+                    f"{c.soft_anneal_frac:.0%} of the steps, then locked)" if c.assignment == "soft"
+                    else {"frozen": "codes frozen"}.get(c.assignment, f"assignment {c.assignment}"))
+            floats = ", norms/biases/embedders trained" if c.train_floats else ""
+            parts[record["bits"]] = f"{record['bits']} bit: {rule}{floats}, {cfg.trainer.max_steps} steps"
+    return "; ".join(parts[b] for b in sorted(parts, reverse=True)) or "none"
+
+
+def reused_text(results: Path, metas: dict[int, dict]) -> str:
+    """Which cells are the recipe comparison's runs under another name (``reused_from``)."""
+    found = []
+    for s, meta in metas.items():
+        for cell in meta["cells"]:
+            record = json.loads((results / f"seed{s}" / f"{cell}.json").read_text())
+            if record.get("reused_from"):
+                found.append(f"seed {s} `{cell}` = `{record['reused_from']}`")
+    if not found:
+        return ""
+    return ("Cells that are the same run as one the recipe comparison already made (identical config but for the "
+            "run's name; `scripts/grid.py --reuse`), taken from it rather than run twice: " + "; ".join(found) + ".")
+
+
 def write_report(results: Path, configs: Path, out: Path) -> Path:
     """Render ``out`` (markdown) and its two PNGs next to it from ``results``."""
     rows_by_seed, metas, left = load_all(results)
@@ -160,27 +204,36 @@ def write_report(results: Path, configs: Path, out: Path) -> Path:
                   f"{p['sampling_steps']} steps, guidance {p['cfg_scale']}, x_T from eval seed {p['seed']} for every "
                   "model; FID/KID/IS-proxy from the digits classifier's features against all 1797 real digits; "
                   f"block error along the student's own {p['trajectory_steps']}-step trajectory "
-                  f"({p['trajectory_samples']} samples). Calibrated cells: today's recipe of `configs/mini/dpq_*bit.yaml` "
-                  "(see `configs/mini/_miniature.yaml`). Seeds: " + ", ".join(map(str, rows_by_seed))
-                  + (" (means over seeds; each seed's FID-proxy in brackets)." if several else "."), ""]
+                  f"({p['trajectory_samples']} samples). Calibrated cells (VQ and DPQ the same recipe at each "
+                  f"bit level): {calib_text(results, metas)}. Seeds: " + ", ".join(map(str, rows_by_seed))
+                  + (" (means over seeds; each seed's FID-proxy in brackets, and the largest over the smallest)."
+                     if several else "."), ""]
+    reused = reused_text(results, metas)
+    if reused:
+        lines += [reused, ""]
     lines += ["## Size arithmetic: the miniature next to DiT-XL/2", "",
               "Each scheme's `configs/mini/` file against its full-scale file (`dpq plan --json` on both; shares of "
               "the total size, compared where either side is at least 5%):", ""]
     lines += render_arithmetic(arithmetic_table(configs)) + [""]
-    lines += ["## Quality", "", "| scheme | nominal bits | FID-proxy | IS-proxy | agreement | effective bits | ratio vs FP32 |",
-              "|---|---|---|---|---|---|---|"]
+    spread_head, spread_rule = (" spread |", "---|") if several else ("", "")
+    lines += ["## Quality", "", "| scheme | nominal bits | FID-proxy |" + spread_head
+              + " IS-proxy | agreement | effective bits | ratio vs FP32 |", "|---|---|---|" + spread_rule + "---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (-r["bits"], ORDER.index(r["scheme"]))):
         nb = "32" if r["scheme"] == "FP" else str(r["bits"])
         fid = f"{r['fid']:.1f}" + (f" [{' / '.join(f'{v:.1f}' for v in r['fid_seeds'])}]" if several else "")
-        lines.append(f"| {r['scheme']} | {nb} | {fid} | {r['is_mean']:.2f} | {r['agreement']:.3f} | "
+        spread = f" {max(r['fid_seeds']) / min(r['fid_seeds']):.2f}x |" if several else ""
+        lines.append(f"| {r['scheme']} | {nb} | {fid} |{spread} {r['is_mean']:.2f} | {r['agreement']:.3f} | "
                      f"{r['effective_bits']:.3f} | {r['ratio']:.1f}x |")
     lines += ["", f"![FID-proxy vs effective bits]({stem}-fid-vs-bits.png)", "",
               f"![block error along the trajectory]({stem}-trajectory.png)", "",
               "## The four claims (checked per seed by `dpq_lightning.experiments.claims`)", ""]
-    for c in check_all(rows_by_seed):
+    for c, m in zip(check_all(rows_by_seed), check_all({-1: rows})):
         lines.append(f"**{c['title']}: {c['verdict']}.** Criterion: {c['criterion']}.")
         lines.append("")
         lines += [f"- seed {s}: {'held' if h else 'not held'}. {t}." for s, (h, t) in c["seeds"].items()]
+        if several:  # the same check on the means over seeds: a reading of the average, not a fourth seed
+            h, t = m["seeds"][-1]
+            lines.append(f"- means over seeds: {'held' if h else 'not held'}. {t}.")
         lines.append("")
     if left:
         lines += [f"Seed folders left out (another protocol or teacher): {', '.join(left)}.", ""]

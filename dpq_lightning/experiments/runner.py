@@ -63,10 +63,13 @@ def share_stage1(key: str, seed_dir: Path, out: Path) -> bool:
 
 
 def run_entries(entries: list[Entry], seed: int, runs: Path, results: Path, overrides: list[str] | None = None,
-                log: Callable[[str], None] = print, measure_teacher_once: bool = True) -> list[dict]:
+                log: Callable[[str], None] = print, measure_teacher_once: bool = True,
+                reuse: tuple[Path, ...] = ()) -> list[dict]:
     """Run every entry for ``seed``; return their records (also those skipped as done).
     ``overrides`` go to every entry; with ``measure_teacher_once`` only the first measures the
-    teacher (its numbers do not depend on the entry)."""
+    teacher (its numbers do not depend on the entry). ``reuse``: other lists' results directories;
+    an entry whose run one of them already holds (:func:`same_experiment`: the same run under
+    another name) takes that record, marked ``reused_from``, instead of running again."""
     from ..config import to_yaml
     from ..jobs.run import run
     from ..jobs.stage1 import stage1_key
@@ -80,9 +83,17 @@ def run_entries(entries: list[Entry], seed: int, runs: Path, results: Path, over
         cfg = resolved(entry, out, seed, extra)
         cfg_text = to_yaml(cfg)
         head = f"[{i + 1}/{len(entries)}] seed {seed} {entry.name}"
-        if target.is_file() and json.loads(target.read_text()).get("config") == cfg_text:
+        if target.is_file() and same_experiment(json.loads(target.read_text()).get("config"), cfg):
             log(f"{head}: done before, skipped")
             records.append(json.loads(target.read_text()))
+            continue
+        source = find_same(cfg, [d / f"seed{seed}" for d in reuse])
+        if source is not None:
+            record = {**json.loads(source.read_text()), "name": entry.name, **entry.meta, "seed": seed,
+                      "config": cfg_text, "reused_from": str(source.relative_to(source.parents[2]))}
+            write_json_atomic(record, target)
+            records.append(record)
+            log(f"{head}: the same run as {record['reused_from']} (differs only in its name), its record reused")
             continue
         t0 = time.time()
         if out.exists() and not same_config(out, cfg_text):
@@ -101,6 +112,67 @@ def run_entries(entries: list[Entry], seed: int, runs: Path, results: Path, over
             f"{summary['size']['effective_bits']:.3f} effective bits, {record['seconds']:.0f} s "
             f"(so far {(time.time() - started) / 60:.1f} min)")
     return records
+
+
+# Keys that name a run or say where it writes, not what it computes; eval.final_teacher only adds
+# the teacher's numbers (measured once per list) next to the student's.
+IDENTITY_KEYS = (("name",), ("output_dir",), ("eval", "final_teacher"))
+
+
+def experiment_key(cfg) -> dict:
+    """What a resolved config computes, as a plain dict: without :data:`IDENTITY_KEYS`, without
+    the calibration keys its rule never reads (``CalibConfig.unused_keys``), and without the whole
+    calib section for a stage-1-only run."""
+    from omegaconf import OmegaConf
+
+    d = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    for path in IDENTITY_KEYS:
+        d_at = d
+        for k in path[:-1]:
+            d_at = d_at[k]
+        d_at.pop(path[-1], None)
+    if cfg.stage1_only:
+        d.pop("calib")
+    else:
+        for k in cfg.calib.unused_keys():
+            d["calib"].pop(k)
+    return d
+
+
+def same_experiment(cfg_text: str | None, cfg) -> bool:
+    """Whether a record's saved config computes what ``cfg`` does. The text is read back through
+    today's schema, so a key added since it was written takes its default (the rule for new keys:
+    the default keeps the old behaviour); a key since removed or renamed makes it a different run."""
+    saved = saved_config(cfg_text)
+    return saved is not None and experiment_key(saved) == experiment_key(cfg)
+
+
+def saved_config(cfg_text: str | None):
+    """A record's resolved config text read back through today's schema; None when it no longer
+    loads (a key removed or renamed since)."""
+    if not cfg_text:
+        return None
+    import tempfile
+
+    from ..config import ConfigError, load_config
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        f.write(cfg_text)
+        f.flush()
+        try:
+            return load_config(f.name)
+        except (ConfigError, FileNotFoundError):
+            return None
+
+
+def find_same(cfg, seed_dirs: list[Path]) -> Path | None:
+    """The first record under ``seed_dirs`` (``<results>/seed<S>/*.json``) of the same run as ``cfg``."""
+    for d in seed_dirs:
+        for path in sorted(d.glob("*.json")):
+            record = json.loads(path.read_text())
+            if "summary" in record and same_experiment(record.get("config"), cfg):
+                return path
+    return None
 
 
 def same_config(out: Path, cfg_text: str) -> bool:
