@@ -73,7 +73,11 @@ def test_claim3_names_the_failing_level_and_seed():
 def test_claim4_growth_ratio():
     held, text = C.claim4(_rows())
     # last fifth (i = 8, 9) over first fifth (i = 0, 1): VQ g=0.5: 5.25 / 1.25 = 4.20; DPQ g=0.05: 1.39
-    assert held and "growth VQ 4.20x, DPQ 1.39x" in text
+    assert held and "growth VQ 4.20x, DPQ 1.39x" in text and "calibrated" not in text
+    rows = _rows()
+    C.get(rows, "VQ+calib", 1)["trajectory"], C.get(rows, "DPQ+calib", 1)["trajectory"] = _traj(0.05), _traj(0.5)
+    held2, text2 = C.claim4(rows)  # the calibrated pair is shown, the verdict stays stage 1's
+    assert held2 and "1 bit: growth VQ 4.20x, DPQ 1.39x (calibrated: VQ 1.39x, DPQ 4.20x)" in text2
 
 
 def _write_seed(folder, seed, rows, protocol_steps=50, mtime=None):
@@ -89,7 +93,7 @@ def _write_seed(folder, seed, rows, protocol_steps=50, mtime=None):
         if not names:
             ev["teacher"] = {"fid_proxy": 4.0, "is_proxy": 9.0, "agreement": 0.99}
         rec = {"cell": name, "scheme": scheme, "bits": r["bits"], "calibrated": calibrated, "seed": seed,
-               "seconds": 1.0, "config": f"seed: {seed}\nname: {name}\n", "teacher_sha256": "ab" * 32,
+               "seconds": 1.0, "config": f"seed: {seed}\nname: {name}\neval:\n  sampling_steps: {protocol_steps}\n", "teacher_sha256": "ab" * 32,
                "summary": {"size": {"effective_bits": r["effective_bits"], "ratio": r["ratio"]}, "eval": ev}}
         (d / f"{name}.json").write_text(json.dumps(rec))
         names.append(name)

@@ -88,7 +88,9 @@ def claim3(rows: list[dict]) -> tuple[bool, str]:
 
 def claim4(rows: list[dict]) -> tuple[bool, str]:
     """Along the stage-1 student's own trajectory VQ's error grows more than DPQ's, and DPQ's
-    grows less than 2x (last fifth of the steps over the first fifth)."""
+    grows less than 2x (last fifth of the steps over the first fifth). The calibrated pair's
+    growth is shown next to it where both were measured, not part of the verdict (the criterion
+    was fixed on stage 1 before any calibrated curve existed)."""
     held, lines = True, []
     for b in levels(rows):
         vq, dpq = get(rows, "VQ", b), get(rows, "DPQ", b)
@@ -96,7 +98,11 @@ def claim4(rows: list[dict]) -> tuple[bool, str]:
             continue
         gv, gd = growth(vq["trajectory"]), growth(dpq["trajectory"])
         held &= gv > gd and gd < 2.0
-        lines.append(f"{b} bit: growth VQ {gv:.2f}x, DPQ {gd:.2f}x")
+        text = f"{b} bit: growth VQ {gv:.2f}x, DPQ {gd:.2f}x"
+        vc, dc = get(rows, "VQ+calib", b), get(rows, "DPQ+calib", b)
+        if vc and dc and vc.get("trajectory") and dc.get("trajectory"):  # shown, not part of the verdict
+            text += f" (calibrated: VQ {growth(vc['trajectory']):.2f}x, DPQ {growth(dc['trajectory']):.2f}x)"
+        lines.append(text)
     return held, "; ".join(lines)
 
 

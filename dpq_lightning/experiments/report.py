@@ -164,6 +164,15 @@ def calib_text(results: Path, metas: dict[int, dict]) -> str:
     return "; ".join(parts[b] for b in sorted(parts, reverse=True)) or "none"
 
 
+def reused_minutes(results: Path, seed: int, meta: dict) -> str:
+    """`` (N min of it reused ...)`` when some of a seed's cells are records of another list's runs."""
+    sec = 0.0
+    for cell in meta["cells"]:
+        record = json.loads((results / f"seed{seed}" / f"{cell}.json").read_text())
+        sec += record["seconds"] if record.get("reused_from") else 0.0
+    return f" ({sec / 60:.1f} min of it in the recipe comparison's runs, reused)" if sec else ""
+
+
 def reused_text(results: Path, metas: dict[int, dict]) -> str:
     """Which cells are the recipe comparison's runs under another name (``reused_from``)."""
     found = []
@@ -188,8 +197,8 @@ def write_report(results: Path, configs: Path, out: Path) -> Path:
     fig_trajectory(rows, out.with_name(f"{stem}-trajectory.png"))
     s0 = next(iter(rows_by_seed))
     first = json.loads((results / f"seed{s0}" / f"{metas[s0]['cells'][0]}.json").read_text())
-    costs = "; ".join(f"seed {s}: {m['cell_seconds'] / 60:.1f} min of runs on {m['machine']} ({m['date']})"
-                      for s, m in metas.items())
+    costs = "; ".join(f"seed {s}: {m['cell_seconds'] / 60:.1f} min of runs{reused_minutes(results, s, m)} on "
+                      f"{m['machine']} ({m['date']})" for s, m in metas.items())
     lines = [
         "# Results: the digits miniature",
         "",
