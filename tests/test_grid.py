@@ -194,3 +194,14 @@ def test_a_cell_takes_the_record_of_the_same_run_from_another_list(tmp_path, mon
     again: list[str] = []
     run_entries([entry], 3, tmp_path / "runs", tmp_path / "results", log=again.append, reuse=(other,))
     assert again == ["[1/1] seed 3 dpq_1bit: done before, skipped"]
+
+
+def test_list_cost_counts_records_written_before_they_stored_their_name(tmp_path):
+    """The grid's seed-0 records of 2026-12-02 have 'cell' but no 'name': the cost is summed by
+    position, so re-running that seed's list (every cell skipped) still writes its grid.json."""
+    from dpq_lightning.experiments.runner import write_meta
+
+    meta = write_meta(tmp_path, 0, ["a", "b"], [{"cell": "a", "seconds": 5.0}, {"name": "b", "seconds": 2.5}],
+                      None, "grid.json")
+    assert meta["cell_seconds"] == 7.5 and meta["cells"] == ["a", "b"]
+    assert json.loads((tmp_path / "grid.json").read_text())["cell_seconds"] == 7.5

@@ -186,7 +186,8 @@ def write_meta(dest: Path, seed: int, names: list[str], records: list[dict], ove
     """``dest/<file>``: the list's cost (the runs' own times, also when resumed), machine, date.
     A list run later for the same seed with other entries (say 2 bits after 1 bit) adds its
     entries to the file's: the cost is then the sum over every entry's record in ``dest``."""
-    seconds = {r["name"]: r["seconds"] for r in records}
+    # one record per name, in order (records written before 'name' was stored have only 'cell')
+    seconds = {n: r["seconds"] for n, r in zip(names, records)}
     if (dest / file).is_file():
         before = json.loads((dest / file).read_text())
         for old in before.get("cells", []):
