@@ -1,6 +1,6 @@
 """The digits miniature's ablation grid, one command per seed, and its report.
 
-    python scripts/grid.py --seed 0            # every configs/mini cell through train.py's path (~40 min on 2 cores)
+    python scripts/grid.py --seed 0            # every configs/mini cell through train.py's path (~63 min on 2 cores)
     python scripts/grid.py --seed 1            # another seed; the report merges the seeds
     python scripts/grid.py --report            # re-render docs/results-mini.md from the runs' files
     python scripts/grid.py --arithmetic        # the size table: configs/mini next to DiT-XL/2's configs

@@ -20,8 +20,8 @@ from .runner import Entry, run_entries, write_meta
 BITS = (3, 2, 1)
 # (scheme, calibrated?) of each bit level's cells, in running order
 SCHEMES = (("VQ", False), ("PQ", False), ("DPQ", False), ("VQ", True), ("DPQ", True))
-# VQ is calibrated at 2 and 1 bits only: a calibration costs about 4-5 minutes on 2 cores, and one
-# more would take a seed's grid close to its 45-minute budget. At 3 bits claim 1 compares stage 1 only.
+# VQ is calibrated at 2 and 1 bits only: a calibration costs 7-13 minutes on 2 cores and a seed's
+# grid is already about an hour. At 3 bits claim 1 compares stage 1 only.
 CALIBRATED_VQ_BITS = (2, 1)
 
 
