@@ -176,6 +176,31 @@ def to_yaml(cfg: RunConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True)
 
 
+def to_dict(cfg: RunConfig) -> dict:
+    """The resolved config as plain nested dicts and lists (what ``to_yaml`` writes)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def load_config_text(text: str) -> RunConfig:
+    """A resolved config saved as YAML text (a run's config.yaml, a result record's ``config``)
+    read back through today's schema: keys added since take their defaults; unknown keys and bad
+    values raise :class:`ConfigError` as :func:`load_config` does."""
+    from .validate import ConfigValueError, check_values
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(text))
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise _explain(err, "saved config text") from err
+    except (QuantConfigError, ValueError) as err:
+        raise ConfigError(f"saved config text: {err}") from err
+    try:
+        check_values(cfg)
+    except ConfigValueError as err:
+        raise ConfigError(f"saved config text: {err}") from err
+    return cfg
+
+
 def save_resolved(cfg: RunConfig, path: str | os.PathLike) -> Path:
     """Write the resolved config atomically (temp file + rename)."""
     from .atomic import write_text_atomic

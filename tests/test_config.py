@@ -75,3 +75,17 @@ def test_overrides_and_resolved_config_round_trip(tmp_path):
     path = save_resolved(cfg, tmp_path / "config.yaml")
     again = load_config(path)
     assert again == cfg
+
+
+def test_saved_config_text_reads_back_through_todays_schema():
+    """A result record's config text: the same config back, a missing key at its default, an
+    unknown key a ConfigError that names it."""
+    from dpq_lightning.config import ConfigError, load_config_text, to_dict, to_yaml
+
+    cfg = load_config(Path("configs") / "mini" / "dpq_1bit.yaml")
+    text = to_yaml(cfg)
+    assert to_yaml(load_config_text(text)) == text
+    older = text.replace("  lowrank_rank: 0\n", "")
+    assert older != text and to_dict(load_config_text(older)) == to_dict(cfg)
+    with pytest.raises(ConfigError, match="gone_key"):
+        load_config_text(text + "gone_key: 1\n")

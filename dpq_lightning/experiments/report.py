@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..atomic import write_text_atomic
 from .arithmetic import arithmetic_table, render_arithmetic
-from .claims import check_all
+from .claims import CLAIMS, check_all
 
 ORDER = ("FP", "VQ", "PQ", "DPQ", "VQ+calib", "DPQ+calib")
 
@@ -32,7 +32,7 @@ def load_seed(folder: Path) -> tuple[list[dict], dict, str]:
     """``(rows, grid meta, protocol key)`` of one seed folder. The FP row is the teacher's
     measurement of the cell that made it."""
     meta = json.loads((folder / "grid.json").read_text())
-    records = [json.loads((folder / f"{c}.json").read_text()) for c in meta["cells"]]
+    records = seed_records(folder.parent, int(folder.name[4:]), meta)
     rows = [row_of(r) for r in records]
     teacher = next(r["summary"]["eval"]["teacher"] for r in records if "teacher" in r["summary"]["eval"])
     rows.insert(0, {"scheme": "FP", "bits": 32, "fid": teacher["fid_proxy"], "is_mean": teacher["is_proxy"],
@@ -145,14 +145,18 @@ def fig_trajectory(rows: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
+def seed_records(results: Path, seed: int, meta: dict) -> list[dict]:
+    """A seed's cell records, in the list's order."""
+    return [json.loads((results / f"seed{seed}" / f"{c}.json").read_text()) for c in meta["cells"]]
+
+
 def calib_text(results: Path, metas: dict[int, dict]) -> str:
     """Which calibration the calibrated cells ran, per bit level, read from their records (the
     first seed's: the protocol key makes the seeds agree)."""
     from .runner import saved_config
 
     s0, parts = next(iter(metas)), {}
-    for cell in metas[s0]["cells"]:
-        record = json.loads((results / f"seed{s0}" / f"{cell}.json").read_text())
+    for record in seed_records(results, s0, metas[s0]):
         cfg = saved_config(record["config"]) if record.get("calibrated") else None
         if cfg is not None and record["bits"] not in parts:
             c = cfg.calib
@@ -166,10 +170,7 @@ def calib_text(results: Path, metas: dict[int, dict]) -> str:
 
 def reused_minutes(results: Path, seed: int, meta: dict) -> str:
     """`` (N min of it reused ...)`` when some of a seed's cells are records of another list's runs."""
-    sec = 0.0
-    for cell in meta["cells"]:
-        record = json.loads((results / f"seed{seed}" / f"{cell}.json").read_text())
-        sec += record["seconds"] if record.get("reused_from") else 0.0
+    sec = sum(r["seconds"] for r in seed_records(results, seed, meta) if r.get("reused_from"))
     return f" ({sec / 60:.1f} min of it in the recipe comparison's runs, reused)" if sec else ""
 
 
@@ -177,8 +178,7 @@ def reused_text(results: Path, metas: dict[int, dict]) -> str:
     """Which cells are the recipe comparison's runs under another name (``reused_from``)."""
     found = []
     for s, meta in metas.items():
-        for cell in meta["cells"]:
-            record = json.loads((results / f"seed{s}" / f"{cell}.json").read_text())
+        for cell, record in zip(meta["cells"], seed_records(results, s, meta)):
             if record.get("reused_from"):
                 found.append(f"seed {s} `{cell}` = `{record['reused_from']}`")
     if not found:
@@ -236,12 +236,12 @@ def write_report(results: Path, configs: Path, out: Path) -> Path:
     lines += ["", f"![FID-proxy vs effective bits]({stem}-fid-vs-bits.png)", "",
               f"![block error along the trajectory]({stem}-trajectory.png)", "",
               "## The four claims (checked per seed by `dpq_lightning.experiments.claims`)", ""]
-    for c, m in zip(check_all(rows_by_seed), check_all({-1: rows})):
+    for c, (_, _, check) in zip(check_all(rows_by_seed), CLAIMS):
         lines.append(f"**{c['title']}: {c['verdict']}.** Criterion: {c['criterion']}.")
         lines.append("")
         lines += [f"- seed {s}: {'held' if h else 'not held'}. {t}." for s, (h, t) in c["seeds"].items()]
         if several:  # the same check on the means over seeds: a reading of the average, not a fourth seed
-            h, t = m["seeds"][-1]
+            h, t = check(rows)
             lines.append(f"- means over seeds: {'held' if h else 'not held'}. {t}.")
         lines.append("")
     if left:

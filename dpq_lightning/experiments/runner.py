@@ -123,9 +123,9 @@ def experiment_key(cfg) -> dict:
     """What a resolved config computes, as a plain dict: without :data:`IDENTITY_KEYS`, without
     the calibration keys its rule never reads (``CalibConfig.unused_keys``), and without the whole
     calib section for a stage-1-only run."""
-    from omegaconf import OmegaConf
+    from ..config import to_dict
 
-    d = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    d = to_dict(cfg)
     for path in IDENTITY_KEYS:
         d_at = d
         for k in path[:-1]:
@@ -152,17 +152,12 @@ def saved_config(cfg_text: str | None):
     loads (a key removed or renamed since)."""
     if not cfg_text:
         return None
-    import tempfile
+    from ..config import ConfigError, load_config_text
 
-    from ..config import ConfigError, load_config
-
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
-        f.write(cfg_text)
-        f.flush()
-        try:
-            return load_config(f.name)
-        except (ConfigError, FileNotFoundError):
-            return None
+    try:
+        return load_config_text(cfg_text)
+    except (ConfigError, FileNotFoundError):  # FileNotFoundError: its teacher file is gone
+        return None
 
 
 def find_same(cfg, seed_dirs: list[Path]) -> Path | None:
