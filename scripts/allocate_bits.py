@@ -2,6 +2,8 @@
 
     python scripts/allocate_bits.py --config configs/mini/dpq_1bit.yaml --out configs/mini/recipes/dpq_1bit_alloc.yaml
     python scripts/allocate_bits.py --config configs/mini/dpq_2bit.yaml --out configs/mini/recipes/dpq_2bit_alloc.yaml
+    python scripts/allocate_bits.py --config configs/mini/dpq_1bit.yaml --lowrank 1 --name alloc_lowrank \
+        --out configs/mini/recipes/dpq_1bit_alloc_lowrank.yaml    # room made for a rank-1 correction
     python scripts/allocate_bits.py --config configs/mini/dpq_1bit.yaml --out /tmp/a.yaml --batches 1 --kmeans-iters 2
 
 Measures, on the cell's teacher and real digits at several timesteps, the output-error proxy of every
@@ -44,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="candidate DxK settings (d sub-vector length, K codewords); default from the cell")
     p.add_argument("--calib-from", type=Path, default=None,
                    help="the recipe whose calib block is copied (default: the winner at the cell's bit level)")
+    p.add_argument("--lowrank", type=int, default=0, metavar="R",
+                   help="add calib.lowrank_rank: R to the recipe and count the correction's bytes in the allocation, "
+                        "so that the file with it stays within the uniform cell's size (default 0: none)")
+    p.add_argument("--name", default="alloc", help="the recipe's name (config name mini_dpq_<b>bit_<name>)")
     p.add_argument("--batches", type=int, default=4, help="batches of real digits (the cell's batch size)")
     p.add_argument("--timesteps", type=int, default=8, help="timesteps per batch, centres of equal buckets")
     p.add_argument("--seed", type=int, default=0, help="seeds the data draws (images, noise, label dropout)")
@@ -77,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--calib-from {calib_path}: no such file")
     winner = calib_path.stem.removeprefix(f"dpq_{int(bits)}bit_")
     calib_text = sens.calib_block(calib_path.read_text(), str(calib_path))
+    if args.lowrank < 0:
+        p.error(f"--lowrank {args.lowrank}: the rank must be >= 0")
+    if args.lowrank and load_config(calib_path).calib.lowrank_rank:
+        p.error(f"--lowrank: {calib_path} already sets calib.lowrank_rank; pass one or the other")
     settings = [parse_setting(s) for s in (args.settings or default_settings(q.d, q.K))]
     measure_q = q if args.kmeans_iters is None else replace(q, kmeans_iters=args.kmeans_iters)
 
@@ -103,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     measures = sens.measure_layers(teacher, measure_q, settings, inputs, pointer_bits,
                                    log=lambda s: print(s, flush=True))
     t_measure = time.perf_counter() - t0
-    fit = sens.fit_allocation(meta_model, q, measures, pointer_bits, len(teacher.blocks))
+    fit = sens.fit_allocation(meta_model, q, measures, pointer_bits, len(teacher.blocks), lowrank=args.lowrank)
     print("\n".join(["", *sens.table_lines(measures, fit.allocation.choice), "", *sens.summary_lines(fit, measures)]))
 
     how = (f"{args.batches} batches x {B} real digits x {len(timesteps)} timesteps "
@@ -114,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     bases = [Path(os.path.relpath(f.resolve(), here)).as_posix()
              for f in (args.config, args.config.parent / "recipes" / "_baseline.yaml")]
     text = sens.render_recipe(bits=int(bits), cell=args.config.as_posix(), bases=bases, calib_text=calib_text,
-                              fit=fit, measures=measures, how=how, winner=winner)
+                              fit=fit, measures=measures, how=how, winner=winner, name=args.name,
+                              lowrank=args.lowrank)
     write_text_atomic(text, args.out)
     # The file must load, resolve to the allocated quant config, and plan within the uniform size.
     written = load_config(args.out)

@@ -168,3 +168,34 @@ def test_script_writes_a_recipe_that_loads_and_plans_within_the_uniform_size(tmp
     assert any(r.granularity == "layer" and r.pattern in ("y_embedder.*", "y_embedder.embedding_table.weight")
                for r in cfg.quant.overrides)
 
+
+
+def test_script_makes_room_for_a_low_rank_correction_at_the_uniform_size(tmp_path, monkeypatch, capsys, one_thread):
+    """--lowrank 1: the recipe trains a rank-1 correction and the codes give up its bytes, so the
+    whole file (factors and their header entries included) is no larger than the uniform cell's."""
+    from dpq_lightning.config import load_config
+    from dpq_lightning.jobs.stage1 import predict_size
+
+    monkeypatch.chdir(ROOT)
+    spec = importlib.util.spec_from_file_location("allocate_bits", ROOT / "scripts" / "allocate_bits.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "recipes" / "dpq_1bit_alloc_lowrank.yaml"
+    quick = ["--batches", "1", "--timesteps", "2", "--kmeans-iters", "2"]
+    assert script.main(["--config", "configs/mini/dpq_1bit.yaml", "--out", str(out), "--lowrank", "1",
+                        "--name", "alloc_lowrank", *quick]) == 0
+    cfg, cell = load_config(out), load_config("configs/mini/dpq_1bit.yaml")
+    assert cfg.name == "mini_dpq_1bit_alloc_lowrank" and cfg.calib.lowrank_rank == 1
+    planned, uniform = predict_size(cfg), predict_size(cell)
+    lowrank = planned.breakdown_bytes()["lowrank"]
+    assert lowrank == predict_size(load_config("configs/mini/recipes/dpq_1bit_lowrank.yaml")).breakdown_bytes()["lowrank"]
+    assert lowrank > 50_000 and planned.total_bits <= uniform.total_bits
+    # the codes paid for it: fewer code bits per quantized weight than the uniform cell's 1.0
+    assert planned.nominal_bits < uniform.nominal_bits - 0.05
+    assert f"whose {lowrank:.0f}" in " ".join(out.read_text().split())
+    # a calibration that already has a correction is refused, by name
+    with pytest.raises(SystemExit):
+        script.main(["--config", "configs/mini/dpq_1bit.yaml", "--out", str(tmp_path / "x.yaml"), "--lowrank", "1",
+                     "--calib-from", "configs/mini/recipes/dpq_1bit_lowrank.yaml", *quick])
+    assert "dpq_1bit_lowrank.yaml already sets calib.lowrank_rank" in capsys.readouterr().err
+    assert not (tmp_path / "x.yaml").exists()

@@ -102,6 +102,13 @@ def test_packed_file_holds_the_correction_and_the_size_counts_it(trained_small_d
     mem = in_memory_bytes(loaded)
     assert mem["lowrank"] == 2 * want  # fp32 in memory
     assert "low-rank" in inspect(path)
+    # the planner predicts this file from shapes alone (what dpq plan and the bit allocation count)
+    from dpq_lightning.quant import predict_report
+
+    q = QuantConfig(**BITS[1], overrides=SMALL_OVERRIDES, kmeans_backend="torch")
+    predicted = predict_report(copy.deepcopy(trained_small_dit), q, lowrank=2)
+    assert predicted.breakdown_bytes() == report.breakdown_bytes() and predicted.total_bits == report.total_bits
+    assert predict_report(copy.deepcopy(trained_small_dit), q).total_bits == report_of(plain).total_bits
 
 
 def test_bad_rank_is_named():

@@ -10,7 +10,7 @@ import yaml
 from dpq_lightning.config import load_config
 from dpq_lightning.experiments.runner import QUICK
 from dpq_lightning.experiments.recipe_report import write_report
-from dpq_lightning.experiments.recipes import BITS, QUANT_RECIPES, RECIPES, choose, entries, run_recipes
+from dpq_lightning.experiments.recipes import BITS, ONLY_BITS, QUANT_RECIPES, RECIPES, choose, entries, run_recipes
 
 ROOT = Path(__file__).parents[1]
 PINNED = yaml.safe_load((ROOT / "configs" / "mini" / "recipes" / "_baseline.yaml").read_text())["calib"]
@@ -50,7 +50,9 @@ def test_every_recipe_differs_from_its_cell_only_in_calibration_or_data(bits):
         expected = {**vars(base.calib), **PINNED, **raw.get("calib", {})}
         assert vars(cfg.calib) == expected, (e.name, {k for k in expected if expected[k] != vars(cfg.calib)[k]})
         assert raw["base"] == [f"../dpq_{bits}bit.yaml", "_baseline.yaml"], e.name
-    assert len(entries(ROOT / "configs" / "mini", (bits,))) == len(RECIPES)
+    assert len(entries(ROOT / "configs" / "mini", (bits,))) == sum(bits in ONLY_BITS.get(r, BITS) for r in RECIPES)
+    assert {p.name for p in (ROOT / "configs" / "mini" / "recipes").glob(f"dpq_{bits}bit_*.yaml")} == {
+        e.config.name for e in entries(ROOT / "configs" / "mini", (bits,))}  # every file is a listed recipe
 
 
 def test_choose_takes_the_best_mean_that_loses_on_no_seed_by_more_than_10_percent():
@@ -153,3 +155,10 @@ def test_a_recipe_that_adds_bytes_is_set_against_its_base_with_both_sizes():
         "lowrank vs floats (seeds 0): FID-proxy 9.0 vs 12.0, at 1.286 vs 1.205 effective bits "
         "(+0.081 bits per weight for the correction)."]
     assert extra_bytes_lines({"floats": {0: 1.0}}, lambda r, s: 0.0) == []
+    # a correction paid for inside the cell's size competes for the default; it is also set against
+    # the recipe it adds the correction to
+    bits = {"alloc_lowrank": 1.2049, "alloc": 1.2046}
+    fid = {"alloc_lowrank": {0: 5.0, 1: 6.0}, "alloc": {0: 6.3, 1: 7.2, 2: 6.2}}
+    assert extra_bytes_lines(fid, lambda r, s: bits[r]) == [
+        "alloc_lowrank vs alloc (seeds 0, 1): FID-proxy 5.0 vs 6.3, 6.0 vs 7.2, at 1.205 vs 1.205 effective bits "
+        "(the same size: the correction's bytes come out of the codes; +0.0003 bits per weight)."]

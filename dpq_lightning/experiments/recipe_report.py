@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Callable
 
 from ..atomic import write_text_atomic
-from .recipes import ADDS_BYTES, FROZEN_TWIN, LENGTH_OF, REASSIGNING, RECIPES, TOLERANCE, choose, length_curves
+from .recipes import (ADDS_BYTES, FROZEN_TWIN, LENGTH_OF, REASSIGNING, RECIPES, SAME_SIZE_TWIN, TOLERANCE, choose,
+                      length_curves)
 from .report import _plt, _save, protocol_name
 
 # Issue targets for calibrated DPQ, as multiples of the teacher's FID-proxy (and agreement at 1 bit).
@@ -58,17 +59,20 @@ def lowest_mean_line(fid: dict[str, dict[int, float]], teacher: float | None) ->
 
 
 def extra_bytes_lines(fid: dict[str, dict[int, float]], bits_of: Callable[[str, int], float]) -> list[str]:
-    """Each recipe that adds bytes against its equal-size base, seed by seed, with both sizes
-    (``bits_of(recipe, seed)``: effective bits of that run)."""
+    """Each recipe that adds a correction against the recipe it adds it to, seed by seed, with both
+    sizes (``bits_of(recipe, seed)``: effective bits of that run): first those that add bytes
+    (``ADDS_BYTES``), then those that pay for it inside the cell's size (``SAME_SIZE_TWIN``)."""
     lines = []
-    for r, base in ADDS_BYTES.items():
+    for r, base, same in [(r, b, False) for r, b in ADDS_BYTES.items()] + [(r, b, True) for r, b in SAME_SIZE_TWIN.items()]:
         shared = sorted(set(fid.get(r, {})) & set(fid.get(base, {})))
         if shared:
             s0 = shared[0]
+            delta = bits_of(r, s0) - bits_of(base, s0)
             lines.append(f"{r} vs {base} (seeds {', '.join(map(str, shared))}): FID-proxy "
                          + ", ".join(f"{fid[r][s]:.1f} vs {fid[base][s]:.1f}" for s in shared)
                          + f", at {bits_of(r, s0):.3f} vs {bits_of(base, s0):.3f} effective bits "
-                         f"(+{bits_of(r, s0) - bits_of(base, s0):.3f} bits per weight for the correction).")
+                         + (f"(the same size: the correction's bytes come out of the codes; {delta:+.4f} bits per weight)."
+                            if same else f"(+{delta:.3f} bits per weight for the correction)."))
     return lines
 
 

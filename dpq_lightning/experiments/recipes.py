@@ -35,9 +35,12 @@ RECIPES = {
     "soft_anneal_1600": "soft_anneal, 1600 steps instead of 400",
     "alloc": "winner's calib, bits per layer by sensitivity, same size",
     "lowrank": "floats, + a rank-1 correction per PQ weight (bytes counted)",
+    "alloc_lowrank": "alloc, + a rank-1 correction, its bytes taken from the codes: same size",
 }
 # Recipes that change the quantization itself (bit allocation), at no more than the cell's size.
-QUANT_RECIPES = ("alloc",)
+QUANT_RECIPES = ("alloc", "alloc_lowrank")
+# Recipes written for some bit levels only (every other recipe exists at every level of BITS).
+ONLY_BITS = {"alloc_lowrank": (1,)}
 REASSIGNING = ("output_aware", "limited_1pct", "limited_10pct", "limited_0p1pct", "soft", "soft_hold", "soft_anneal",
                "soft_anneal_1600")
 # Each reassigning recipe is judged against the frozen-code recipe that trains the same things.
@@ -48,6 +51,9 @@ LENGTH_OF = {"floats_1600": ("floats", 1600), "soft_anneal_1600": ("soft_anneal"
 # Recipes that add bytes (a low-rank correction): not rivals at equal size, so not candidates for
 # the default; the report sets each against its equal-size base recipe, size included.
 ADDS_BYTES = {"lowrank": "floats"}
+# A recipe at the cell's size that adds something to another one (the correction, paid for by the
+# codes): the report sets it against that recipe seed by seed, both sizes shown.
+SAME_SIZE_TWIN = {"alloc_lowrank": "alloc"}
 BASE_STEPS = 400
 TOLERANCE = 0.10  # the default may lose to a seed's best recipe by at most this much
 
@@ -62,7 +68,7 @@ def entries(configs: Path, bits: tuple[int, ...] = BITS, recipes: tuple[str, ...
     if unknown:
         raise ValueError(f"unknown recipe {unknown[0]!r}; known: {', '.join(RECIPES)}")
     return [Entry(f"dpq_{b}bit_{r}", recipe_config(configs, b, r), {"recipe": r, "bits": b, "scheme": "DPQ"})
-            for b in bits for r in names]
+            for b in bits for r in names if b in ONLY_BITS.get(r, BITS)]
 
 
 def run_recipes(seed: int, configs: Path, runs: Path, results: Path, overrides: list[str] | None = None,

@@ -220,8 +220,11 @@ class Fitted:
 
 
 def fit_allocation(meta_model: nn.Module, cfg: QuantConfig, measures: list[LayerMeasure], pointer_bits: int | None,
-                   depth: int, log: Log = print, max_rounds: int = 6) -> Fitted:
-    """The least-error allocation whose whole planned file is no larger than the uniform cell's."""
+                   depth: int, log: Log = print, max_rounds: int = 6, lowrank: int = 0) -> Fitted:
+    """The least-error allocation whose whole planned file is no larger than the uniform cell's.
+    ``lowrank``: the rank of the correction calibration will add to every PQ weight; its fp16
+    factors (and their header entries) are counted in the allocated file, so the codes give up
+    their bytes and the file with the correction stays within the uniform cell's size."""
     uniform = predict_report(meta_model, cfg)
     options = {m.name: m.options for m in measures}
     budget = sum(m.options[m.uniform].cost_bits for m in measures)
@@ -233,7 +236,7 @@ def fit_allocation(meta_model: nn.Module, cfg: QuantConfig, measures: list[Layer
     for _ in range(max_rounds):
         alloc = allocate(options, budget)
         quant = alloc_config(cfg, alloc_overrides(cfg, measures, alloc.choice, depth), pointer_bits)
-        report = predict_report(meta_model, quant)
+        report = predict_report(meta_model, quant, lowrank)
         for lp in make_plan(meta_model, quant).layers:  # every layer resolves to its chosen setting
             s = next(m for m in measures if m.name == lp.param_name).settings[alloc.choice[lp.param_name]]
             if (lp.geo.d, lp.K) != (s.d, s.K):
@@ -290,15 +293,19 @@ def summary_lines(fit: Fitted, measures: list[LayerMeasure]) -> list[str]:
 
 
 def render_recipe(*, bits: int, cell: str, bases: list[str], calib_text: str, fit: Fitted,
-                  measures: list[LayerMeasure], how: str, winner: str) -> str:
+                  measures: list[LayerMeasure], how: str, winner: str, name: str = "alloc", lowrank: int = 0) -> str:
     """The recipe file: header (what was measured, the per-layer table, the totals), then the keys;
     ``bases``: the cell and ``_baseline.yaml`` relative to the file; ``calib_text``: the winning
-    recipe's ``calib:`` block, copied as written."""
+    recipe's ``calib:`` block, copied as written (with ``lowrank``, ``lowrank_rank`` is added to it)."""
     pin = fit.quant.pool.max_pointer_bits if fit.quant.pool.enabled else None
+    lr_bytes = fit.report.summary().get("bytes_lowrank", 0)
+    extra = (f" plus a rank-{lowrank} correction per quantized weight (calib.lowrank_rank), whose {lr_bytes:.0f} "
+             "bytes of fp16 factors the codes give up: the file with the correction is no larger than the uniform "
+             "cell's" if lowrank else "")
     head = [
-        *textwrap.wrap(f"Calibration recipe 'alloc' for DPQ at {bits} bit{'s' if bits != 1 else ''} on the digits "
+        *textwrap.wrap(f"Calibration recipe '{name}' for DPQ at {bits} bit{'s' if bits != 1 else ''} on the digits "
                        f"miniature: recipe '{winner}' (its calib keys, copied below) with the bits per layer chosen "
-                       f"by sensitivity at the uniform cell's size ({cell}).", 110),
+                       f"by sensitivity at the uniform cell's size ({cell}){extra}.", 110),
         "Written by scripts/allocate_bits.py (docs/bit-allocation.md); rerun it rather than editing by hand.",
         "",
         *textwrap.wrap(f"Measured once on the teacher (not per seed): {how}.", 110),
@@ -317,15 +324,15 @@ def render_recipe(*, bits: int, cell: str, bases: list[str], calib_text: str, fi
     ]
     body = [
         f"base: [{', '.join(bases)}]",
-        f"name: mini_dpq_{bits}bit_alloc",
+        f"name: mini_dpq_{bits}bit_{name}",
         "quant:",
         "  overrides:",
         *[f"    - {_rule_text(r)}" for r in fit.quant.overrides],
     ]
     if pin:
         body += ["  pool:", f"    max_pointer_bits: {pin}"]
-    return ("\n".join(f"# {line}".rstrip() for line in head) + "\n" + "\n".join(body) + "\n"
-            + calib_text.rstrip("\n") + "\n")
+    calib = calib_text.rstrip("\n") + (f"\n  lowrank_rank: {lowrank}" if lowrank else "")
+    return "\n".join(f"# {line}".rstrip() for line in head) + "\n" + "\n".join(body) + "\n" + calib + "\n"
 
 
 def calib_block(text: str, path: str) -> str:

@@ -49,14 +49,15 @@ def quantize_with_progress(model: torch.nn.Module, quant: QuantConfig, device: s
 
 
 def predict_size(cfg: RunConfig) -> SizeReport:
-    """The size report ``cfg`` would give, from shapes alone (a meta-device model: no weights, no
-    k-means). ``dpq plan`` prints it; the miniature's arithmetic table compares two of them."""
+    """The size report of the file ``cfg`` writes, from shapes alone (a meta-device model: no
+    weights, no k-means), a calibration's low-rank correction included. ``dpq plan`` prints it; the
+    miniature's arithmetic table compares two of them."""
     from ..models.registry import build_dit, resolve_config
     from ..quant import predict_report
 
     with torch.device("meta"):
         model = build_dit(resolve_config(cfg.model.name, **cfg.model.arch))
-    return predict_report(model, cfg.quant)
+    return predict_report(model, cfg.quant, 0 if cfg.stage1_only else cfg.calib.lowrank_rank)
 
 
 def stage1_key(cfg: RunConfig) -> str:

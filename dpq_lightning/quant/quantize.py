@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass, fields
 from typing import Callable
@@ -46,13 +47,15 @@ def model_meta(model: nn.Module) -> dict:
     }
 
 
-def _structure_from_plan(model: nn.Module, plan: Plan) -> dict:
+def _structure_from_plan(model: nn.Module, plan: Plan, lowrank: int = 0) -> dict:
     modules = dict(model.named_modules())
     pq, floats = {}, {}
     for layer in plan.layers:
         mod = modules[layer.module_name]
         conv = conv_args_of(mod) if isinstance(mod, nn.Conv2d) else None
-        pq[layer.module_name] = pq_entry(_kind_of_float(mod), layer.geo, layer.K, layer.pool_size, conv)
+        rows, cols = layer.geo.shape[0], math.prod(layer.geo.shape[1:])
+        pq[layer.module_name] = pq_entry(_kind_of_float(mod), layer.geo, layer.K, layer.pool_size, conv,
+                                         min(lowrank, rows, cols))  # as calibration's add_lowrank clips it
     for f in plan.floats:  # includes the biases of quantized modules
         floats[f.name] = list(f.shape)
     return {"pq": pq, "float": dict(sorted(floats.items()))}
@@ -160,12 +163,21 @@ def round_to_storage_(model: nn.Module) -> None:
         params[n].copy_(params[n].half().to(params[n].dtype))
 
 
-def predict_report(model: nn.Module, cfg: QuantConfig) -> SizeReport:
+def predict_report(model: nn.Module, cfg: QuantConfig, lowrank: int = 0) -> SizeReport:
     """The size report ``quantize_`` would produce, from shapes alone (works on a meta-device
-    model): plan + budget, no k-means. Raises the same errors ``quantize_`` raises first."""
+    model): plan + budget, no k-means. Raises the same errors ``quantize_`` raises first.
+
+    ``lowrank``: the rank of the correction calibration adds to every PQ weight
+    (``calib.lowrank_rank``). Stage 1 knows nothing of it, so the pools are sized without it; the
+    report is then of the file calibration writes: the fp16 factors and their header entries added."""
     plan = make_plan(model, cfg)
     meta, left = model_meta(model), _left_float(plan)
-    return choose_pool_sizes(plan, cfg, lambda p: size_report(_structure_from_plan(model, p), meta, cfg, left))
+    report = choose_pool_sizes(plan, cfg, lambda p: size_report(_structure_from_plan(model, p), meta, cfg, left))
+    if not lowrank:
+        return report
+    full = size_report(_structure_from_plan(model, plan, lowrank), meta, cfg, left)
+    full.target_bits, full.notes = report.target_bits, [*report.notes, f"with a rank-{lowrank} correction per PQ weight"]
+    return full
 
 
 def quantize_(
