@@ -439,3 +439,24 @@ def test_soft_temperature_annealing_makes_hardening_free(trained_small_dit):
             gaps[tau_end] = max(float((mod.weight_pq() - soft[n]).abs().max() / soft[n].abs().max())
                                 for n, mod in m._pq.items())
     assert gaps[1e-3] == 0.0 and gaps[1.0] > 1e-2
+
+
+def test_block_reconstruction_alone_leaves_the_final_layer_without_gradient(trained_small_dit):
+    """Why `rec_only` does not calibrate (docs/results-recipes-analysis.md): the reconstruction loss
+    compares block outputs, so nothing after the last block - the final layer and its adaLN - gets a
+    gradient from it; the DDPM loss is what reaches them."""
+    x, y = load_digits_tensors()
+    grads = {}
+    for name, cfg in (("rec_only", CalibConfig(w_ddpm=0.0)), ("default", CalibConfig())):
+        teacher = copy.deepcopy(trained_small_dit)  # DPQCalibration freezes the teacher it is given
+        m = DPQCalibration(student_of(teacher), teacher, cfg)
+        torch.manual_seed(0)
+        m.compute_losses(x[:32], y[:32])["loss"].backward()
+        grads[name] = {n: (0.0 if p.grad is None else float(p.grad.abs().sum()))
+                       for n, p in m.student.named_parameters() if p.requires_grad}
+    final = [n for n in grads["rec_only"] if n.startswith("final_layer.")]
+    blocks = [n for n in grads["rec_only"] if n.startswith("blocks.")]
+    assert len(final) == 2 and len(blocks) > 0  # final_layer.linear and its adaLN modulation
+    assert all(grads["rec_only"][n] == 0.0 for n in final)
+    assert all(grads["rec_only"][n] > 0 for n in blocks)
+    assert all(grads["default"][n] > 0 for n in final)

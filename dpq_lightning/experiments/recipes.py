@@ -33,6 +33,8 @@ RECIPES = {
     "floats_t_error": "floats and t_error together",
     "floats_1600": "floats, 1600 steps instead of 400",
     "soft_anneal_1600": "soft_anneal, 1600 steps instead of 400",
+    "floats_6400": "floats, 6400 steps instead of 400",
+    "soft_anneal_6400": "soft_anneal, 6400 steps instead of 400",
     "alloc": "winner's calib, bits per layer by sensitivity, same size",
     "lowrank": "floats, + a rank-1 correction per PQ weight (bytes counted)",
     "alloc_lowrank": "alloc, + a rank-1 correction, its bytes taken from the codes: same size",
@@ -40,14 +42,15 @@ RECIPES = {
 # Recipes that change the quantization itself (bit allocation), at no more than the cell's size.
 QUANT_RECIPES = ("alloc", "alloc_lowrank")
 # Recipes written for some bit levels only (every other recipe exists at every level of BITS).
-ONLY_BITS = {"alloc_lowrank": (1,)}
+ONLY_BITS = {"alloc_lowrank": (1,), "floats_6400": (1,), "soft_anneal_6400": (1,)}
 REASSIGNING = ("output_aware", "limited_1pct", "limited_10pct", "limited_0p1pct", "soft", "soft_hold", "soft_anneal",
-               "soft_anneal_1600")
+               "soft_anneal_1600", "soft_anneal_6400")
 # Each reassigning recipe is judged against the frozen-code recipe that trains the same things.
-FROZEN_TWIN = {"soft_anneal": "floats", "soft_anneal_1600": "floats_1600"}
+FROZEN_TWIN = {"soft_anneal": "floats", "soft_anneal_1600": "floats_1600", "soft_anneal_6400": "floats_6400"}
 # The length curve: a recipe run longer is a point of its base recipe's curve, not a rival recipe;
 # the default is chosen among recipes of equal length (400 steps).
-LENGTH_OF = {"floats_1600": ("floats", 1600), "soft_anneal_1600": ("soft_anneal", 1600)}
+LENGTH_OF = {"floats_1600": ("floats", 1600), "soft_anneal_1600": ("soft_anneal", 1600),
+             "floats_6400": ("floats", 6400), "soft_anneal_6400": ("soft_anneal", 6400)}
 # Recipes that add bytes (a low-rank correction): not rivals at equal size, so not candidates for
 # the default; the report sets each against its equal-size base recipe, size included.
 ADDS_BYTES = {"lowrank": "floats"}
