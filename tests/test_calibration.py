@@ -307,8 +307,6 @@ def test_kill_during_a_checkpoint_write_then_resume_finishes_identically(teacher
     """SIGKILL while last.ckpt of step 12 is being written (the 4th checkpoint write: step 6, last,
     step 12, last): trainer.resume=auto then starts from the newest complete checkpoint (step 12),
     and the run ends in the same state as one never interrupted."""
-    from dpq_lightning.jobs.run import run
-
     script = tmp_path / "kill.py"
     script.write_text(_KILL_SCRIPT)
     args = ["trainer.max_steps=18", "calib.assign_every=3", "trainer.ckpt_every_n_steps=6"]

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from dpq_lightning.config import load_config
@@ -101,6 +102,31 @@ def test_recipes_run_through_train_py_share_stage1_and_render(tmp_path, monkeypa
     assert "Every run: sampling protocol `diffusers`" in md  # the miniature's protocol, named
     assert "remaining error sits (relative block error along the student's own 4-step trajectory" in md
     assert (tmp_path / "recipes.png").stat().st_size > 1000
+    # a run resumed from a checkpoint says so: its minutes are only the last invocation's
+    rec = json.loads((dest / "dpq_1bit_frozen.json").read_text())
+    (dest / "dpq_1bit_frozen.json").write_text(json.dumps({**rec, "resumed_at_step": 2}))
+    md = write_report(results, tmp_path / "recipes.md").read_text()
+    assert "- \\* frozen, seed 3: resumed at step 2 of 4; its minutes count only the part after the resume." in md
+    row = next(line for line in md.splitlines() if line.startswith("| frozen |"))
+    assert row.endswith("* |") and not next(line for line in md.splitlines()
+                                            if line.startswith("| limited_1pct |")).endswith("* |")
+
+
+def test_resumed_step_reads_the_checkpoint_a_run_will_resume_from(tmp_path):
+    from types import SimpleNamespace
+
+    from dpq_lightning.experiments.runner import resumed_step
+
+    cfg = SimpleNamespace(trainer=SimpleNamespace(resume="auto"))
+    out = tmp_path / "run"
+    assert resumed_step(cfg, out) == 0  # no folder: a fresh run
+    (out / "checkpoints").mkdir(parents=True)
+    assert resumed_step(cfg, out) == 0  # no checkpoint yet
+    torch.save({"global_step": 400, "state_dict": {}}, out / "checkpoints" / "step000400.ckpt")
+    assert resumed_step(cfg, out) == 400
+    (out / "checkpoints" / "last.ckpt").write_bytes(b"truncated")  # newer but incomplete: not used
+    assert resumed_step(cfg, out) == 400
+    assert resumed_step(SimpleNamespace(trainer=SimpleNamespace(resume="never")), out) == 0
 
 
 def test_meta_of_a_seed_accumulates_over_lists(tmp_path):

@@ -150,12 +150,18 @@ def write_report(results: Path, out: Path) -> Path:
             trained = rec0["summary"].get("trainable_params")
             ratio = f"{mean / teacher:.1f}x" if teacher else "-"
             mins = sum(rec["seconds"] for rec in recs.values()) / len(ev) / 60
+            resumed = any(rec.get("resumed_at_step") for rec in recs.values())
             soft = rec0["summary"].get("final_metrics", {}).get("soft/fid_proxy") is not None
             trained_txt = "-" if trained is None else f"{trained}" + (" (mostly candidate ratios, not stored)" if soft else "")
             lines.append(f"| {r} | {RECIPES[r]} | {', '.join(map(str, sorted(recs)))} | {fid} | {ratio} | {agr:.3f} | "
                          f"{isp:.2f} | {trained_txt} | "
-                         f"{rec0['summary']['size']['effective_bits']:.3f} | {mins:.1f} |")
+                         f"{rec0['summary']['size']['effective_bits']:.3f} | {mins:.1f}{'*' if resumed else ''} |")
         lines.append("")
+        for r in RECIPES:  # a run resumed from a checkpoint: its minutes are the last invocation's only
+            for s, rec in sorted(runs.get((b, r), {}).items()):
+                if rec.get("resumed_at_step"):
+                    lines.append(f"- \\* {r}, seed {s}: resumed at step {rec['resumed_at_step']} of "
+                                 f"{rec['summary']['steps']}; its minutes count only the part after the resume.")
         for r in RECIPES:  # the soft rules: what the mixture scored before it was hardened
             for s, rec in sorted(runs.get((b, r), {}).items()):
                 soft = rec["summary"].get("final_metrics", {}).get("soft/fid_proxy")

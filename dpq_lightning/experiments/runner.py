@@ -99,11 +99,13 @@ def run_entries(entries: list[Entry], seed: int, runs: Path, results: Path, over
         if out.exists() and not same_config(out, cfg_text):
             shutil.rmtree(out)  # a half-finished run of another config: start it clean
         # else a half-finished run of this config: run() resumes from its last.ckpt (trainer.resume=auto);
-        # its record's seconds then count only this invocation's part
+        # its record's seconds then count only this invocation's part, and the record says from which step
+        from_step = resumed_step(cfg, out)
         share_stage1(stage1_key(cfg), seed_dir, out)
         summary = run(cfg)
         teacher = cfg.model.checkpoint
         record = {"name": entry.name, **entry.meta, "seed": seed, "seconds": round(time.time() - t0, 1),
+                  **({"resumed_at_step": from_step} if from_step else {}),
                   "teacher": teacher, "teacher_sha256": sha256_of(teacher), "config": cfg_text, "summary": summary}
         write_json_atomic(record, target)
         records.append(record)
@@ -112,6 +114,19 @@ def run_entries(entries: list[Entry], seed: int, runs: Path, results: Path, over
             f"{summary['size']['effective_bits']:.3f} effective bits, {record['seconds']:.0f} s "
             f"(so far {(time.time() - started) / 60:.1f} min)")
     return records
+
+
+def resumed_step(cfg, out: Path) -> int:
+    """The training step a run in ``out`` will resume from (its newest complete checkpoint, as
+    ``trainer.resume`` picks it); 0 when it starts fresh."""
+    from ..callbacks.requeue import resume_path
+
+    path = resume_path(cfg.trainer.resume, out) if out.is_dir() else None
+    if path is None:
+        return 0
+    import torch
+
+    return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("global_step", 0))
 
 
 # Keys that name a run or say where it writes, not what it computes; eval.final_teacher only adds
