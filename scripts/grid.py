@@ -22,12 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def main(argv: list[str] | None = None) -> int:
     from dpq_lightning.experiments.runner import list_parser, run_then_report
 
-    p = list_parser(__doc__, ROOT, "results-mini", "grid-mini")
+    p = list_parser(__doc__, ROOT, "results-mini", "grid-mini", reuse="results-recipes")
     p.add_argument("--arithmetic", action="store_true", help="print the size arithmetic table")
     p.add_argument("--bits", type=int, nargs="+", default=[3, 2, 1])
-    p.add_argument("--reuse", type=Path, nargs="*", default=[ROOT / "docs" / "results-recipes"],
-                   help="results of other lists: a cell that is the same run as one of their records "
-                        "(only the name differs) takes it (default: the recipe comparison's)")
     args = p.parse_args(argv)
     if args.seed is None and not (args.report or args.arithmetic):
         p.error("give --seed S, --report or --arithmetic")

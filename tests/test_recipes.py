@@ -11,7 +11,8 @@ import yaml
 from dpq_lightning.config import load_config
 from dpq_lightning.experiments.runner import QUICK
 from dpq_lightning.experiments.recipe_report import write_report
-from dpq_lightning.experiments.recipes import BITS, ONLY_BITS, QUANT_RECIPES, RECIPES, choose, entries, run_recipes
+from dpq_lightning.experiments.recipes import (BITS, DEFAULT_LEVELS, ONLY_BITS, QUANT_RECIPES, RECIPES, choose, entries,
+                                               run_recipes)
 
 ROOT = Path(__file__).parents[1]
 PINNED = yaml.safe_load((ROOT / "configs" / "mini" / "recipes" / "_baseline.yaml").read_text())["calib"]
@@ -51,7 +52,7 @@ def test_every_recipe_differs_from_its_cell_only_in_calibration_or_data(bits):
         expected = {**vars(base.calib), **PINNED, **raw.get("calib", {})}
         assert vars(cfg.calib) == expected, (e.name, {k for k in expected if expected[k] != vars(cfg.calib)[k]})
         assert raw["base"] == [f"../dpq_{bits}bit.yaml", "_baseline.yaml"], e.name
-    assert len(entries(ROOT / "configs" / "mini", (bits,))) == sum(bits in ONLY_BITS.get(r, BITS) for r in RECIPES)
+    assert len(entries(ROOT / "configs" / "mini", (bits,))) == sum(bits in ONLY_BITS.get(r, DEFAULT_LEVELS) for r in RECIPES)
     assert {p.name for p in (ROOT / "configs" / "mini" / "recipes").glob(f"dpq_{bits}bit_*.yaml")} == {
         e.config.name for e in entries(ROOT / "configs" / "mini", (bits,))}  # every file is a listed recipe
 
@@ -105,8 +106,12 @@ def test_recipes_run_through_train_py_share_stage1_and_render(tmp_path, monkeypa
     # a run resumed from a checkpoint says so: its minutes are only the last invocation's
     rec = json.loads((dest / "dpq_1bit_frozen.json").read_text())
     (dest / "dpq_1bit_frozen.json").write_text(json.dumps({**rec, "resumed_at_step": 2}))
+    rec = json.loads((dest / "dpq_1bit_teacher_data.json").read_text())
+    (dest / "dpq_1bit_teacher_data.json").write_text(json.dumps({**rec, "reused_from": "results-mini/seed3/x.json"}))
     md = write_report(results, tmp_path / "recipes.md").read_text()
     assert "- \\* frozen, seed 3: resumed at step 2 of 4; its minutes count only the part after the resume." in md
+    assert ("- teacher_data, seed 3: the record of `results-mini/seed3/x.json`, the same run under another name, "
+            "reused (not run again).") in md
     row = next(line for line in md.splitlines() if line.startswith("| frozen |"))
     assert row.endswith("* |") and not next(line for line in md.splitlines()
                                             if line.startswith("| limited_1pct |")).endswith("* |")

@@ -14,7 +14,7 @@ from typing import Callable
 
 from .runner import Entry, run_entries, write_meta
 
-BITS = (1, 2)
+BITS = (1, 2, 3)
 # name -> what it changes (the config's comment says why). Running order: the most telling first.
 RECIPES = {
     "frozen": "codes frozen, pool trains",
@@ -41,8 +41,11 @@ RECIPES = {
 }
 # Recipes that change the quantization itself (bit allocation), at no more than the cell's size.
 QUANT_RECIPES = ("alloc", "alloc_lowrank")
-# Recipes written for some bit levels only (every other recipe exists at every level of BITS).
-ONLY_BITS = {"alloc_lowrank": (1,), "floats_6400": (1,), "soft_anneal_6400": (1,)}
+# The bit levels each recipe is written for (configs/mini/recipes/dpq_<b>bit_<recipe>.yaml); one not
+# named here exists at 1 and 2 bits. At 3 bits only the rules that decide the 3-bit default.
+ONLY_BITS = {"alloc_lowrank": (1,), "floats_6400": (1,), "soft_anneal_6400": (1,),
+             **{r: (1, 2, 3) for r in ("frozen", "floats", "output_aware", "soft_anneal")}}
+DEFAULT_LEVELS = (1, 2)
 REASSIGNING = ("output_aware", "limited_1pct", "limited_10pct", "limited_0p1pct", "soft", "soft_hold", "soft_anneal",
                "soft_anneal_1600", "soft_anneal_6400")
 # Each reassigning recipe is judged against the frozen-code recipe that trains the same things.
@@ -71,15 +74,16 @@ def entries(configs: Path, bits: tuple[int, ...] = BITS, recipes: tuple[str, ...
     if unknown:
         raise ValueError(f"unknown recipe {unknown[0]!r}; known: {', '.join(RECIPES)}")
     return [Entry(f"dpq_{b}bit_{r}", recipe_config(configs, b, r), {"recipe": r, "bits": b, "scheme": "DPQ"})
-            for b in bits for r in names if b in ONLY_BITS.get(r, BITS)]
+            for b in bits for r in names if b in ONLY_BITS.get(r, DEFAULT_LEVELS)]
 
 
 def run_recipes(seed: int, configs: Path, runs: Path, results: Path, overrides: list[str] | None = None,
                 bits: tuple[int, ...] = BITS, recipes: tuple[str, ...] | None = None,
-                log: Callable[[str], None] = print) -> Path:
-    """Every recipe at every bit level for ``seed``; ``results/seed<S>/recipes.json`` holds the cost."""
+                log: Callable[[str], None] = print, reuse: tuple[Path, ...] = ()) -> Path:
+    """Every recipe at every bit level for ``seed``; ``results/seed<S>/recipes.json`` holds the cost.
+    ``reuse``: other lists' results (the grid's: its 3-bit DPQ cell is the 3-bit ``floats`` run)."""
     todo = entries(configs, bits, recipes)
-    records = run_entries(todo, seed, runs, results, overrides, log)
+    records = run_entries(todo, seed, runs, results, overrides, log, reuse=reuse)
     dest = results / f"seed{seed}"
     write_meta(dest, seed, [e.name for e in todo], records, overrides, "recipes.json")
     return dest

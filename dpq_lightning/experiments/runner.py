@@ -230,10 +230,11 @@ def machine() -> str:
     return f"{os.cpu_count()} CPU cores ({name}), {torch.get_num_threads()} torch threads"
 
 
-def list_parser(doc: str, root: Path, results: str, runs: str):
+def list_parser(doc: str, root: Path, results: str, runs: str, reuse: str):
     """The options every experiment-list command shares (``scripts/grid.py``, ``scripts/recipes.py``):
     ``--seed``, ``--report``, ``--quick``, where configs, results, runs and the report live, threads,
-    and ``key=value`` overrides for every run."""
+    ``--reuse`` (default: ``docs/<reuse>``, the other list's results) and ``key=value`` overrides
+    for every run."""
     import argparse
 
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -245,6 +246,9 @@ def list_parser(doc: str, root: Path, results: str, runs: str):
     p.add_argument("--runs", type=Path, default=root / "runs" / runs)
     p.add_argument("--out", type=Path, default=None, help="report path (default: <results>.md)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reuse", type=Path, nargs="*", default=[root / "docs" / reuse],
+                   help="results of other lists: a run that is the same run as one of their records "
+                        f"(only the name differs) takes it (default: docs/{reuse}; none: --reuse with no path)")
     p.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     return p
 
