@@ -38,12 +38,13 @@ RECIPES = {
     "alloc": "winner's calib, bits per layer by sensitivity, same size",
     "lowrank": "floats, + a rank-1 correction per PQ weight (bytes counted)",
     "alloc_lowrank": "alloc, + a rank-1 correction, its bytes taken from the codes: same size",
+    "lowrank_same_size": "lowrank, its bytes taken from the codes (alloc_lowrank's bits): same size",
 }
 # Recipes that change the quantization itself (bit allocation), at no more than the cell's size.
-QUANT_RECIPES = ("alloc", "alloc_lowrank")
+QUANT_RECIPES = ("alloc", "alloc_lowrank", "lowrank_same_size")
 # The bit levels each recipe is written for (configs/mini/recipes/dpq_<b>bit_<recipe>.yaml); one not
 # named here exists at 1 and 2 bits. At 3 bits only the rules that decide the 3-bit default.
-ONLY_BITS = {"alloc_lowrank": (1,), "floats_6400": (1,), "soft_anneal_6400": (1,),
+ONLY_BITS = {"alloc_lowrank": (1,), "lowrank_same_size": (1,), "floats_6400": (1,), "soft_anneal_6400": (1,),
              **{r: (1, 2, 3) for r in ("frozen", "floats", "output_aware", "soft_anneal")}}
 DEFAULT_LEVELS = (1, 2)
 REASSIGNING = ("output_aware", "limited_1pct", "limited_10pct", "limited_0p1pct", "soft", "soft_hold", "soft_anneal",
@@ -59,7 +60,7 @@ LENGTH_OF = {"floats_1600": ("floats", 1600), "soft_anneal_1600": ("soft_anneal"
 ADDS_BYTES = {"lowrank": "floats"}
 # A recipe at the cell's size that adds something to another one (the correction, paid for by the
 # codes): the report sets it against that recipe seed by seed, both sizes shown.
-SAME_SIZE_TWIN = {"alloc_lowrank": "alloc"}
+SAME_SIZE_TWIN = {"alloc_lowrank": "alloc", "lowrank_same_size": "floats"}
 BASE_STEPS = 400
 TOLERANCE = 0.10  # the default may lose to a seed's best recipe by at most this much
 
