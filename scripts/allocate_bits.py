@@ -24,8 +24,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# The recipe whose calibration keys an allocation recipe copies: the winner at that bit level
-# (docs/results-recipes.md), so that only the allocation differs from it.
+# The recipe whose calibration keys an allocation recipe copies by default: the best uniform-bit
+# calibration at that bit level when 'alloc' was written (docs/results-recipes.md), so that only the
+# allocation differs from it. The 1-bit winner since, 'lowrank_same_size', was written with
+# --calib-from configs/mini/recipes/dpq_1bit_floats.yaml --lowrank 1.
 WINNER = {1: "soft_anneal", 2: "floats"}
 
 
@@ -94,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     teacher = build_model(m.name, m.arch, m.checkpoint, m.pretrained, m.random_init)
     with torch.device("meta"):
         meta_model = build_dit(resolve_config(m.name, **m.arch))
-    uniform = predict_size(cfg)
+    # The uniform cell's size is its stage-1 file: a correction its own calibration may add (the
+    # 1-bit cell's calib.lowrank_rank) is not part of the size the allocation has to match.
+    uniform = predict_size(replace(cfg, stage1_only=True))
     pointer_bits = sens.pointer_bits_of(uniform)
     names = [layer.param_name for layer in make_plan(teacher, q).layers]
     timesteps = sens.timestep_grid(args.timesteps)

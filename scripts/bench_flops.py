@@ -48,8 +48,9 @@ def stand_in_step(teacher: torch.nn.Module, student: torch.nn.Module, x, t, y) -
     student(x, t, y).float().pow(2).mean().backward()
 
 
-def miniature_check(batch: int = 8) -> dict:
-    """FLOPs of the real 1-bit calibration step vs the float stand-in, on the digits miniature."""
+def miniature_check(batch: int = 8, lowrank: int = 0) -> dict:
+    """FLOPs of the real 1-bit calibration step vs the float stand-in, on the digits miniature
+    (with the run's rank-``lowrank`` correction, whose ``U @ V`` products are the only extra matmuls)."""
     from dpq_lightning.calib_config import CalibConfig
     from dpq_lightning.calibration import DPQCalibration
     from dpq_lightning.config import load_config
@@ -62,7 +63,9 @@ def miniature_check(batch: int = 8) -> dict:
     teacher = build_model(m.name, m.arch, str(ROOT / m.checkpoint), m.pretrained, m.random_init).eval()
     student = copy.deepcopy(teacher)
     quantize_(student, cfg.quant)
-    module = DPQCalibration(student, teacher, CalibConfig(assignment="frozen", train_floats=True), max_steps=10)
+    module = DPQCalibration(student, teacher, CalibConfig(assignment="frozen", train_floats=True, lowrank_rank=lowrank),
+                            max_steps=10)
+    module.setup("fit")  # what Lightning calls first: adds the correction's U, V (rank > 0)
     x, y = load_digits_tensors()
     x, y = x[:batch], y[:batch]
     real = counted(lambda: module.compute_losses(x, y)["loss"].backward())
@@ -95,14 +98,29 @@ def xl_per_sample(batch: int = 2) -> dict:
             groups = cols // d
             passes += 2 * groups * (rows * d * d + rows * K * d + K * d * d)
     return {"params": sum(p.numel() for p in student.parameters()), "fwd": fwd, "step": step, "assign_pass": passes,
-            "subvectors": subvectors}
+            "subvectors": subvectors,
+            # the quantized weights (pos_embed is a fixed, non-learnable table)
+            "matrix_numel": sum(p.numel() for p in student.parameters() if p.dim() >= 2 and p.requires_grad),
+            # numbers in a rank-1 correction U [rows, 1], V [1, cols] over every quantized weight
+            "lowrank_per_rank": sum(p.shape[0] + p.numel() // p.shape[0] for p in student.parameters()
+                                    if p.dim() >= 2 and p.requires_grad)}
+
+
+def lowrank_step_flops(xl: dict, rank: int) -> int:
+    """A rank-r correction ``W + U V`` is rebuilt once per step and GPU, not per sample: the
+    forward product ``U [rows, r] @ V [r, cols]`` is ``rows x cols x r`` MACs for every quantized
+    matrix, and the backward's two products (the gradients of U and V) twice that: 6 r FLOPs per
+    quantized weight."""
+    return 6 * rank * xl["matrix_numel"]
 
 
 def render(cfg, mini: dict, xl: dict, seconds: float) -> str:
     steps, batch = cfg.trainer.max_steps, cfg.data.global_batch_size
     rule, every = cfg.calib.assignment, cfg.calib.assign_every
     n_passes = 0 if rule in ("frozen", "soft") else steps // every
-    total = steps * batch * xl["step"] + n_passes * xl["assign_pass"]
+    rank = cfg.calib.lowrank_rank
+    lr_step = lowrank_step_flops(xl, rank)
+    total = steps * batch * xl["step"] + n_passes * xl["assign_pass"] + steps * lr_step
     lines = [
         "# Full-scale cost: calibrating DiT-XL/2 with the default recipe",
         "",
@@ -118,7 +136,10 @@ def render(cfg, mini: dict, xl: dict, seconds: float) -> str:
         f"stand-in (teacher forward + a float copy's forward and backward) counts "
         f"**{mini['stand_in'] / 1e9:.3f} GFLOP** (ratio {mini['real'] / mini['stand_in']:.4f}). Decoding the "
         "PQ weights is a gather and the losses are elementwise, so the stand-in is what DiT-XL/2 is "
-        "counted with below.",
+        "counted with below"
+        + (f"; the difference is the run's rank-{rank} correction, whose `U @ V` products are exactly "
+           f"6 x {rank} FLOPs per quantized weight ({(mini['real'] - mini['stand_in']) / 1e6:.1f} MFLOP here), "
+           "counted separately for DiT-XL/2." if rank else "."),
         "",
         "## 2. DiT-XL/2, 256x256 (4x32x32 latents), counted on the meta device",
         "",
@@ -128,6 +149,9 @@ def render(cfg, mini: dict, xl: dict, seconds: float) -> str:
         f"| forward, per sample | {xl['fwd'] / 1e9:.1f} GFLOP ({xl['fwd'] / 2e9:.1f} GMAC; the DiT paper quotes 118.6 Gflops, counting multiply-adds) |",
         f"| calibration step, per sample (teacher fwd + student fwd + bwd) | {xl['step'] / 1e9:.1f} GFLOP ({xl['step'] / xl['fwd']:.2f}x a forward) |",
         f"| one output-aware assignment pass (analytic, d=8, K=256) | {xl['assign_pass'] / 1e12:.2f} TFLOP |",
+        *([f"| rank-{rank} correction `W + U V`, per step (not per sample): 6 x {rank} x {xl['matrix_numel'] / 1e6:.1f} M "
+           f"quantized weights | {lr_step / 1e9:.1f} GFLOP ({lr_step / (batch * xl['step']):.1e} of a step of {batch}) |"]
+          if rank else []),
         "",
         "## 3. The run",
         "",
@@ -137,6 +161,7 @@ def render(cfg, mini: dict, xl: dict, seconds: float) -> str:
         "",
         f"Total: {steps} x {batch} x {xl['step'] / 1e9:.1f} GFLOP"
         + (f" + {n_passes} x {xl['assign_pass'] / 1e12:.2f} TFLOP" if n_passes else "")
+        + (f" + {steps} x {lr_step / 1e9:.1f} GFLOP (the correction)" if rank else "")
         + f" = **{total / 1e15:.0f} PFLOP**.",
         "",
         "| GPU | " + " | ".join(f"GPU-hours at {m:.0%} MFU" for m in MFU) + " |",
@@ -153,6 +178,7 @@ def render(cfg, mini: dict, xl: dict, seconds: float) -> str:
                   "none of it stored (the packed file holds the hard codes)."]
     lines += ["", "GPU-hours = total FLOPs / (peak x MFU) / 3600. On 8 GPUs the wall time is about an eighth "
               "of this plus DDP's gradient all-reduce of what trains: the pool and the float tensors (a few MB)"
+              + (f", the correction's factors ({xl['lowrank_per_rank'] * rank * 4 / 2**20:.1f} MiB in fp32)" if rank else "")
               + (f" and the soft rule's ratio logits ({xl['subvectors'] * cfg.calib.soft_candidates * 4 / 2**30:.1f} GiB "
                  "per step)" if rule == "soft" else "") + ". Not counted: data loading (latents are "
               "pre-extracted), evaluation sampling, and the stage-1 k-means (measured separately in "
@@ -171,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     cfg = load_config(ROOT / args.config, [])
     cfg.source = args.config  # for the report only
-    mini, xl = miniature_check(), xl_per_sample()
+    mini, xl = miniature_check(lowrank=cfg.calib.lowrank_rank), xl_per_sample()
     md = render(cfg, mini, xl, time.time() - t0)
     write_text_atomic(md, args.out)
     print(md)

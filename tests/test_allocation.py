@@ -151,7 +151,8 @@ def test_script_writes_a_recipe_that_loads_and_plans_within_the_uniform_size(tmp
     assert "[26/26] final_layer.adaLN_modulation.1.weight" in printed and "summed proxy error" in printed
 
     cell = load_config("configs/mini/dpq_1bit.yaml")
-    uniform = predict_size(cell)
+    uniform = predict_size(load_config("configs/mini/dpq_1bit.yaml", ["stage1_only=true"]))  # the cell's stage-1 file
+    assert uniform.effective_bits < predict_size(cell).effective_bits  # (its calibration adds a correction)
     cfg = load_config(out)
     planned = predict_size(cfg)
     assert planned.total_bits <= uniform.total_bits and planned.budget_met
@@ -184,9 +185,10 @@ def test_script_makes_room_for_a_low_rank_correction_at_the_uniform_size(tmp_pat
     quick = ["--batches", "1", "--timesteps", "2", "--kmeans-iters", "2"]
     assert script.main(["--config", "configs/mini/dpq_1bit.yaml", "--out", str(out), "--lowrank", "1",
                         "--name", "alloc_lowrank", *quick]) == 0
-    cfg, cell = load_config(out), load_config("configs/mini/dpq_1bit.yaml")
+    cfg = load_config(out)
     assert cfg.name == "mini_dpq_1bit_alloc_lowrank" and cfg.calib.lowrank_rank == 1
-    planned, uniform = predict_size(cfg), predict_size(cell)
+    # the uniform cell's size: its stage-1 file (its own calibration adds a correction of its own)
+    planned, uniform = predict_size(cfg), predict_size(load_config("configs/mini/dpq_1bit.yaml", ["stage1_only=true"]))
     lowrank = planned.breakdown_bytes()["lowrank"]
     assert lowrank == predict_size(load_config("configs/mini/recipes/dpq_1bit_lowrank.yaml")).breakdown_bytes()["lowrank"]
     assert lowrank > 50_000 and planned.total_bits <= uniform.total_bits

@@ -20,6 +20,10 @@ def bench():
 def test_real_step_counts_as_the_float_stand_in(bench):
     m = bench.miniature_check(batch=2)
     assert m["real"] == m["stand_in"] > 0
+    # with a rank-1 correction the only extra matmuls are its U @ V products: 6 FLOPs per quantized
+    # weight per step (forward, and the two gradient products), the formula used for DiT-XL/2
+    m1 = bench.miniature_check(batch=2, lowrank=1)
+    assert m1["stand_in"] == m["stand_in"] and m1["real"] - m1["stand_in"] == 6 * 6_301_152
 
 
 def test_xl_counts_and_gpu_hours(bench):
@@ -32,6 +36,8 @@ def test_xl_counts_and_gpu_hours(bench):
     cfg = load_config(ROOT / "configs" / "dpq_1bit.yaml", [])
     cfg.source = "configs/dpq_1bit.yaml"
     md = bench.render(cfg, {"batch": 2, "real": 10, "stand_in": 10}, xl, 1.0)
-    total = cfg.trainer.max_steps * cfg.data.global_batch_size * xl["step"]  # the soft rule: no passes
+    assert xl["matrix_numel"] == 674_345_088  # every quantized weight (dpq plan's count)
+    assert cfg.calib.lowrank_rank == 1 and cfg.calib.assignment == "frozen"  # no passes; a correction
+    total = cfg.trainer.max_steps * (cfg.data.global_batch_size * xl["step"] + 6 * 674_345_088)
     assert f"**{total / 1e15:.0f} PFLOP**" in md
     assert f"| {total / (312e12 * 0.4) / 3600:.2f} |" in md

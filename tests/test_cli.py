@@ -32,9 +32,11 @@ def test_train_quickstart_main_job(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     size = (out / "model.dpq").stat().st_size
     assert abs(size / summary["size"]["total_bytes"] - 1) < 0.03
-    # 1 bit per weight on average (the sensitivity allocation moves bits between layers: 1.007),
-    # 1.205 effective bits with pool and floats; never more than the 1.3
-    assert abs(summary["size"]["nominal_bits"] - 1.0) < 0.01 and summary["size"]["effective_bits"] <= 1.3
+    # the codes give up bits for the rank-1 correction (0.935 code bits per quantized weight), so the
+    # file with pool, floats and correction is the uniform 1-bit cell's 1.205 effective bits; the
+    # issue's limit is 1.3
+    assert abs(summary["size"]["nominal_bits"] - 0.935) < 0.005 and summary["size"]["bytes_lowrank"] > 50_000
+    assert abs(summary["size"]["effective_bits"] - 1.205) < 0.001
     assert summary["steps"] == 20
     assert (out / "config.yaml").read_text().count("quickstart") >= 1
     assert (out / "stage1.dpq").is_file() and (out / "checkpoints" / "last.ckpt").is_file()

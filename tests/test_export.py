@@ -95,6 +95,8 @@ def test_export_packed_and_checkpoint(compressed_run, tmp_path, capsys):
         assert main(["export", str(path), "--format", "diffusers", "--out", str(out)]) == 0
         model = load_packed(path) if name == "dpq" else load_model(path)
         assert sum(isinstance(m, PQ_MODULES) for m in model.modules()) == 26  # every weight quantized
+        # with the quickstart's rank-1 correction, which the checkpoint path must restore too
+        assert {m.weight_pq.lowrank_rank for m in model.modules() if isinstance(m, PQ_MODULES)} == {1}
         ours, theirs = _outputs(model.eval(), load_transformer(out), model.config)
         _assert_same_function(ours, theirs)
         printed = capsys.readouterr().out

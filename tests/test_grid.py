@@ -25,9 +25,11 @@ def test_plan_json_has_the_summary_size_keys():
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert SIZE_KEYS <= set(d)
-    assert d["num_params"] == 674_834_720 and d["ratio"] == pytest.approx(28.12, abs=0.01)
+    # 28.12x for stage 1's file; the default calibration's rank-1 correction (1.44 MiB) makes it 27.68x
+    assert d["num_params"] == 674_834_720 and d["ratio"] == pytest.approx(27.68, abs=0.01)
+    assert d["bytes_lowrank"] == pytest.approx(1.437 * 2**20, rel=1e-3)
     assert d["total_bytes"] == pytest.approx(sum(d[f"bytes_{k}"] for k in
-                                                 ("codes", "codebooks", "pointers", "pool", "float", "header")))
+                                                 ("codes", "codebooks", "pointers", "pool", "float", "lowrank", "header")))
 
 
 def test_miniature_size_arithmetic_is_dit_xl2s():
@@ -49,9 +51,10 @@ def test_miniature_size_arithmetic_is_dit_xl2s():
 def test_vq_and_dpq_have_equal_total_size(bits):
     """Claim 1 compares at equal size: the two files of a level are within 5% of each other."""
     for where in ("", "mini/"):
-        vq = size_summary(ROOT / "configs" / f"{where}vq_{bits}bit.yaml")["effective_bits"]
-        dpq = size_summary(ROOT / "configs" / f"{where}dpq_{bits}bit.yaml")["effective_bits"]
-        assert abs(vq / dpq - 1) <= 0.05, (where, bits, vq, dpq)
+        for stage1 in (True, False):  # stage 1's files, and the calibrated ones (a correction added to both)
+            vq = size_summary(ROOT / "configs" / f"{where}vq_{bits}bit.yaml", stage1)["effective_bits"]
+            dpq = size_summary(ROOT / "configs" / f"{where}dpq_{bits}bit.yaml", stage1)["effective_bits"]
+            assert abs(vq / dpq - 1) <= 0.05, (where, bits, stage1, vq, dpq)
 
 
 def test_every_cell_has_a_config_that_loads():
@@ -84,7 +87,11 @@ def test_grid_runs_through_train_py_and_resumes(tmp_path, monkeypatch):
     assert all("teacher" not in recs[n]["summary"]["eval"] for n in names[1:])
     assert recs["dpq_1bit"]["summary"]["steps"] == 3 and recs["dpq_1bit_stage1"]["summary"]["steps"] == 0
     s = {n: r["summary"]["size"]["effective_bits"] for n, r in recs.items()}
-    assert s["dpq_1bit"] == s["dpq_1bit_stage1"] and s["pq_1bit_stage1"] > 1.9 * s["dpq_1bit_stage1"]
+    # calibration adds the default rank-1 correction (58,734 bytes of fp16 factors) to VQ and DPQ alike
+    for n in ("vq_1bit", "dpq_1bit"):
+        assert recs[n]["summary"]["size"]["bytes_lowrank"] == 58_734
+        assert s[n] - s[f"{n}_stage1"] == pytest.approx(0.081, abs=0.001)
+    assert s["pq_1bit_stage1"] > 1.9 * s["dpq_1bit_stage1"]
     assert abs(s["vq_1bit"] / s["dpq_1bit"] - 1) <= 0.05
     # a calibrated cell starts from its stage-1 cell's file instead of running k-means again
     for n in ("vq_1bit", "dpq_1bit"):
@@ -102,8 +109,8 @@ def test_grid_runs_through_train_py_and_resumes(tmp_path, monkeypatch):
     assert "| DPQ+calib | 1 |" in md and "| VQ | 1 | 1.229 / 1.177" in md
     for png in ("report-fid-vs-bits.png", "report-trajectory.png"):
         assert (tmp_path / png).stat().st_size > 1000
-    assert "1 bit: soft candidate sets (n=3, temperature 1 -> 0.01 over 75% of the steps, then locked), " \
-           "norms/biases/embedders trained, 3 steps" in md
+    assert "1 bit: codes frozen, norms/biases/embedders trained, a rank-1 correction per quantized weight " \
+           "trained, 3 steps" in md
     # a second seed (the same records, seed 6, DPQ+calib's FID doubled): means, spread, a means line per claim
     (results / "seed6").mkdir()
     for f in (results / "seed5").glob("*.json"):
@@ -153,14 +160,17 @@ def test_same_experiment_ignores_names_and_keys_the_rule_never_reads():
                                        "calib.soft_lr=0.5", "calib.assign_every=7"))
     assert not same_experiment(frozen, cfg("dpq_2bit.yaml", "calib.lr=0.002"))
     assert not same_experiment(frozen, cfg("dpq_2bit.yaml", "seed=1"))
-    soft = to_yaml(cfg("dpq_1bit.yaml"))
-    assert not same_experiment(soft, cfg("dpq_1bit.yaml", "calib.soft_lr=0.5"))
-    assert not same_experiment(soft, cfg("dpq_1bit.yaml", "calib.assign_every=7"))
+    soft = to_yaml(cfg("dpq_1bit.yaml", "calib.assignment=soft"))
+    assert not same_experiment(soft, cfg("dpq_1bit.yaml", "calib.assignment=soft", "calib.soft_lr=0.5"))
+    assert not same_experiment(soft, cfg("dpq_1bit.yaml", "calib.assignment=soft", "calib.assign_every=7"))
+    # the default 1-bit calibration's correction is part of the run
+    assert cfg("dpq_1bit.yaml").calib.lowrank_rank == 1
+    assert not same_experiment(to_yaml(cfg("dpq_1bit.yaml")), cfg("dpq_1bit.yaml", "calib.lowrank_rank=2"))
     # a record written before a key existed: the key takes its default, which keeps the old behaviour
-    old = soft.replace("  lowrank_rank: 0\n", "")
-    assert old != soft and same_experiment(old, cfg("dpq_1bit.yaml"))
-    assert not same_experiment(soft.replace("  lowrank_rank: 0\n", "  lowrank_rank: 0\n  gone_key: 1\n"),
-                               cfg("dpq_1bit.yaml"))  # a key since removed: not comparable, so run again
+    old = frozen.replace("  lowrank_rank: 0\n", "")
+    assert old != frozen and same_experiment(old, cfg("dpq_2bit.yaml"))
+    assert not same_experiment(frozen.replace("  lowrank_rank: 0\n", "  lowrank_rank: 0\n  gone_key: 1\n"),
+                               cfg("dpq_2bit.yaml"))  # a key since removed: not comparable, so run again
     # a stage-1-only cell never calibrates: its calib section does not matter
     st1 = to_yaml(cfg("dpq_1bit_stage1.yaml"))
     assert same_experiment(st1, cfg("dpq_1bit_stage1.yaml", "calib.assignment=frozen", "calib.lr=0.5"))

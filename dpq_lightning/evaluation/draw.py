@@ -91,6 +91,12 @@ def _from_calibration_checkpoint(path: Path) -> nn.Module:
     if any(".soft_" in k for k in student):
         raise ValueError(f"{path}: a soft-candidate checkpoint (calib.assignment=soft) holds mixtures, not codes; "
                          f"sample the run's exported model.dpq")
+    # A low-rank correction (calib.lowrank_rank) is not part of stage 1's file: give each weight its
+    # saved factors first, so that the strict load below then checks every other key.
+    modules = dict(model.named_modules())
+    for key in [k for k in student if k.endswith(".lowrank_u")]:
+        owner = key[: -len(".lowrank_u")]
+        modules[owner].set_lowrank(student[key], student[f"{owner}.lowrank_v"])
     model.load_state_dict(student, strict=True)
     return model
 

@@ -164,7 +164,8 @@ def calib_text(results: Path, metas: dict[int, dict]) -> str:
                     f"{c.soft_anneal_frac:.0%} of the steps, then locked)" if c.assignment == "soft"
                     else {"frozen": "codes frozen"}.get(c.assignment, f"assignment {c.assignment}"))
             floats = ", norms/biases/embedders trained" if c.train_floats else ""
-            parts[record["bits"]] = f"{record['bits']} bit: {rule}{floats}, {cfg.trainer.max_steps} steps"
+            lowrank = f", a rank-{c.lowrank_rank} correction per quantized weight trained" if c.lowrank_rank else ""
+            parts[record["bits"]] = f"{record['bits']} bit: {rule}{floats}{lowrank}, {cfg.trainer.max_steps} steps"
     return "; ".join(parts[b] for b in sorted(parts, reverse=True)) or "none"
 
 
@@ -221,8 +222,10 @@ def write_report(results: Path, configs: Path, out: Path) -> Path:
     if reused:
         lines += [reused, ""]
     lines += ["## Size arithmetic: the miniature next to DiT-XL/2", "",
-              "Each scheme's `configs/mini/` file against its full-scale file (`dpq plan --json` on both; shares of "
-              "the total size, compared where either side is at least 5%):", ""]
+              "Each scheme's `configs/mini/` file against its full-scale file, stage 1's files (`dpq plan --json "
+              "stage1_only=true` on both; a calibration's low-rank correction is left out: the same rank costs 4x "
+              "as much per weight on the miniature's narrower layers; shares of the total size, compared where "
+              "either side is at least 5%):", ""]
     lines += render_arithmetic(arithmetic_table(configs)) + [""]
     spread_head, spread_rule = (" spread |", "---|") if several else ("", "")
     lines += ["## Quality", "", "| scheme | nominal bits | FID-proxy |" + spread_head
