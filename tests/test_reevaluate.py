@@ -1,0 +1,64 @@
+"""Finished runs evaluated again under another protocol (``dpq_lightning/experiments/reevaluate.py``,
+``scripts/reevaluate.py``): a real quickstart run on tiny counts, measured, kept, rendered."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from dpq_lightning.experiments.reevaluate import protocol_tag, render
+
+ROOT = Path(__file__).parents[1]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("reevaluate", ROOT / "scripts" / "reevaluate.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_protocol_tag_names_the_overrides_and_refuses_others():
+    assert protocol_tag(["eval.seed=1", "eval.num_samples=2000"]) == "num_samples-2000_seed-1"
+    with pytest.raises(ValueError, match="at least one eval.key=value"):
+        protocol_tag([])
+    with pytest.raises(ValueError, match=r"\['calib.lr=1'\]: only eval.key=value"):
+        protocol_tag(["calib.lr=1", "eval.seed=1"])
+
+
+def test_a_finished_run_is_measured_once_and_rendered(tmp_path, monkeypatch, capsys):
+    from dpq_lightning.config import load_config
+    from dpq_lightning.jobs.run import run
+
+    monkeypatch.chdir(ROOT)
+    seed_dir = tmp_path / "runs" / "seed0"
+    out = seed_dir / "qs"
+    run(load_config(ROOT / "configs" / "quickstart.yaml", [
+        f"output_dir={out}", "trainer.max_steps=2", "trainer.ckpt_every_n_steps=2", "trainer.progress_bar=false",
+        "eval.periodic=false", "eval.final=true", "eval.final_teacher=false", "eval.num_samples=20",
+        "eval.sampling_steps=3", "eval.trajectory_steps=3", "quant.kmeans_iters=2", "quant.pool.iters=2",
+        f"data.cache_dir={tmp_path / 'cache'}", "data.global_batch_size=16"]))
+    script, results = _script(), tmp_path / "reeval"
+    over = ["eval.num_samples=30", "eval.seed=1"]
+    assert script.main([str(out), *over, "--results", str(results), "--threads", "1", "--report"]) == 0
+    proto = results / "num_samples-30_seed-1"
+    rec = json.loads((proto / "seed0-qs.json").read_text())
+    teacher = json.loads((proto / "teacher.json").read_text())
+    assert rec["overrides"] == over and rec["seed"] == 0 and rec["name"] == "quickstart"
+    assert 0 < teacher["metrics"]["fid_proxy"] and 0 <= rec["metrics"]["agreement"] <= 1
+    assert rec["metrics"]["fid_proxy"] != json.loads((out / "summary.json").read_text())["eval"]["student"]["fid_proxy"]
+    md = (tmp_path / "reeval.md").read_text()
+    own = json.loads((out / "summary.json").read_text())["eval"]["student"]
+    assert f"| quickstart | 0 | {own['fid_proxy']:.2f} | {rec['metrics']['fid_proxy']:.2f} |" in md
+    assert f"Teacher FID-proxy under it: {teacher['metrics']['fid_proxy']:.2f}" in md
+    assert "Lowest mean FID-proxy under this protocol: **quickstart**" in md
+    # measured before: kept, not measured again
+    capsys.readouterr()
+    assert script.main([str(out), *over, "--results", str(results), "--threads", "1"]) == 0
+    assert "measured before (seed0-qs.json), kept" in capsys.readouterr().out
+    assert render(results, ROOT) == md  # rendered from the files alone
+    # a folder that is not a finished run: a clear error that names it
+    with pytest.raises(SystemExit):
+        script.main([str(tmp_path), *over, "--results", str(results)])
+    assert f"not finished runs (no model.dpq): {tmp_path}" in capsys.readouterr().err
