@@ -164,6 +164,26 @@ def test_length_variants_draw_a_curve_and_do_not_compete_for_the_default():
     assert set(LENGTH_OF) <= set(RECIPES) and all(b in RECIPES for b, _ in LENGTH_OF.values())
 
 
+def test_length_points_feed_the_curve_figure_only_where_a_recipe_has_two_lengths(tmp_path):
+    from dpq_lightning.experiments.recipe_report import fig_length
+    from dpq_lightning.experiments.recipes import length_points
+
+    fid = {"lowrank_same_size": {0: 4.7, 1: 4.8}, "lowrank_same_size_6400": {0: 3.9},
+           "lowrank_same_size_1600": {0: 4.2, 1: 4.4}, "floats": {0: 12.0}}
+    # shortest first, the base recipe as the 400-step point; floats has one length only
+    assert length_points(fid) == {"lowrank_same_size": [(400, {0: 4.7, 1: 4.8}), (1600, {0: 4.2, 1: 4.4}),
+                                                        (6400, {0: 3.9})]}
+
+    def rec(v):
+        return {"summary": {"eval": {"student": {"fid_proxy": v}}}}
+
+    runs = {(b, r): {s: rec(v) for s, v in seeds.items()} for r, seeds in fid.items() for b in (1,)}
+    assert fig_length({(1, "floats"): runs[(1, "floats")]}, 3.15, tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()
+    out = fig_length(runs, 3.15, tmp_path / "len.png")
+    assert out == tmp_path / "len.png" and out.stat().st_size > 1000
+
+
 def test_without_a_winner_the_report_names_the_lowest_mean_and_its_seed_record():
     """The 2-bit case of docs/results-recipes.md: every recipe loses some seed by more than 10%."""
     from dpq_lightning.experiments.recipe_report import lowest_mean_line

@@ -12,7 +12,7 @@ from typing import Callable
 
 from ..atomic import write_text_atomic
 from .recipes import (ADDS_BYTES, FROZEN_TWIN, LENGTH_OF, REASSIGNING, RECIPES, SAME_SIZE_TWIN, TOLERANCE, choose,
-                      length_curves)
+                      length_curves, length_points)
 from .report import _plt, _save, protocol_name
 
 # Issue targets for calibrated DPQ, as multiples of the teacher's FID-proxy (and agreement at 1 bit).
@@ -96,6 +96,43 @@ def fig_recipes(runs: dict, teacher: float | None, path: Path) -> Path:
     return _save(fig, path)
 
 
+def fig_length(runs: dict, teacher: float | None, path: Path) -> Path | None:
+    """The length curves: FID-proxy against calibration steps, one panel per bit level that has any,
+    one line per base recipe through the mean over the seeds every length shares (the numbers of
+    the report's "Length curve" line); dots: every seed measured, shared or not.
+    ``None`` (and no file) when no recipe was run at more than one length."""
+    per_bits = {}
+    for b in sorted({b for b, _ in runs}):
+        fid = {r: {s: _fid(rec) for s, rec in recs.items()} for (bb, r), recs in runs.items() if bb == b}
+        if curves := length_points(fid):
+            per_bits[b] = curves
+    if not per_bits:
+        return None
+    plt = _plt()
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    fig, axes = plt.subplots(1, len(per_bits), figsize=(5.5 * len(per_bits), 4), squeeze=False)
+    for ax, (b, curves) in zip(axes[0], per_bits.items()):
+        for i, (base, points) in enumerate(curves.items()):
+            shared = sorted(set.intersection(*(set(v) for _, v in points)))
+            for n, v in points:
+                ax.plot([n] * len(v), list(v.values()), ".", color=f"C{i}", ms=5, alpha=0.6)
+            if shared:
+                ax.plot([n for n, _ in points], [sum(v[s] for s in shared) / len(shared) for _, v in points], "-o",
+                        color=f"C{i}", label=f"{base} (mean of seeds {', '.join(map(str, shared))})")
+        if teacher:
+            ax.axhline(teacher, color="k", ls="--", lw=1, label="teacher")
+            if b in TARGETS:
+                ax.axhline(teacher * TARGETS[b][0], color="g", ls=":", lw=1, label=f"target {TARGETS[b][0]}x teacher")
+        ax.set(xscale="log", yscale="log", xlabel="calibration steps (cosine schedule over the run)",
+               ylabel="FID-proxy (line: mean; dots: seeds)", title=f"DPQ {b} bit: length curves")
+        ax.set_xticks(sorted({n for c in curves.values() for n, _ in c}))
+        ax.xaxis.set_major_formatter(ScalarFormatter())  # 400, 1600, 6400 rather than 10^3
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def remaining_error(recipe: str, recs: dict) -> str:
     """Where a recipe's remaining error sits: the relative block error along the student's own
     sampling trajectory (the record's ``eval.trajectory``), mean over seeds, by block and by step."""
@@ -117,6 +154,7 @@ def write_report(results: Path, out: Path) -> Path:
     runs, metas, teacher = load(results)
     seeds = sorted(metas)
     fig = fig_recipes(runs, teacher, out.with_name(f"{out.stem}.png"))
+    fig_len = fig_length(runs, teacher, out.with_name(f"{out.stem}-length.png"))
     costs = "; ".join(f"seed {s}: {m['cell_seconds'] / 60:.1f} min of runs on {m['machine']} ({m['date']})"
                       for s, m in metas.items())
     lines = ["# Results: calibration recipes on the digits miniature", "",
@@ -201,4 +239,6 @@ def write_report(results: Path, out: Path) -> Path:
         lines += extra_bytes_lines(fid_by, lambda r, s: runs[(b, r)][s]["summary"]["size"]["effective_bits"])
         lines.append("")
     lines += [f"![FID-proxy per recipe]({fig.name})", ""]
+    if fig_len:
+        lines += [f"![FID-proxy against calibration steps]({fig_len.name})", ""]
     return write_text_atomic("\n".join(lines), out)

@@ -114,19 +114,27 @@ def choose(fid: dict[str, dict[int, float]], tolerance: float = TOLERANCE) -> tu
     return None, f"every recipe loses to some seed's best by more than {tolerance:.0%}"
 
 
-def length_curves(fid: dict[str, dict[int, float]]) -> list[str]:
-    """One line per recipe measured at more than one length: mean FID-proxy per step count over
-    the seeds both lengths share, and the ratio of the longest to the base length."""
-    lines = []
+def length_points(fid: dict[str, dict[int, float]]) -> dict[str, list[tuple[int, dict[int, float]]]]:
+    """Each base recipe measured at more than one length: ``{base: [(steps, {seed: FID-proxy}), ...]}``,
+    shortest first (the base recipe itself is the 400-step point)."""
+    curves = {}
     for base in dict.fromkeys(b for b, _ in LENGTH_OF.values()):
         points = [(BASE_STEPS, base)] + sorted((n, r) for r, (b, n) in LENGTH_OF.items() if b == base)
-        points = [(n, r) for n, r in points if r in fid]
-        if len(points) < 2:
-            continue
-        seeds = sorted(set.intersection(*(set(fid[r]) for _, r in points)))
+        points = [(n, fid[r]) for n, r in points if r in fid]
+        if len(points) >= 2:
+            curves[base] = points
+    return curves
+
+
+def length_curves(fid: dict[str, dict[int, float]]) -> list[str]:
+    """One line per recipe measured at more than one length: mean FID-proxy per step count over
+    the seeds every length shares, and the ratio of the longest to the base length."""
+    lines = []
+    for base, points in length_points(fid).items():
+        seeds = sorted(set.intersection(*(set(v) for _, v in points)))
         if not seeds:
             continue
-        means = [(n, sum(fid[r][s] for s in seeds) / len(seeds)) for n, r in points]
+        means = [(n, sum(v[s] for s in seeds) / len(seeds)) for n, v in points]
         lines.append(f"Length curve of {base} (seeds {', '.join(map(str, seeds))}): "
                      + ", ".join(f"{n} steps {m:.1f}" for n, m in means)
                      + f"; {means[-1][0]} vs {means[0][0]} steps: {means[-1][1] / means[0][1]:.2f}x.")
