@@ -27,6 +27,8 @@ RECIPES = {
     "limited_10pct": "<= 10% of codes per pass, every 25 steps",
     "limited_0p1pct": "<= 0.1% of codes per pass, every 25 steps",
     "rec_only": "codes frozen, block reconstruction only",
+    "ddpm_only": "codes frozen, DDPM loss only (no block reconstruction)",
+    "rec_x10": "codes frozen, block reconstruction weighted 10x",
     "teacher_data": "codes frozen, teacher's samples as data",
     "t_error": "codes frozen, t drawn where block error is largest",
     "soft_anneal": "as floats, + top-3 candidates annealed to hard (tau 1 -> 0.01)",
@@ -46,8 +48,8 @@ RECIPES = {
 QUANT_RECIPES = ("alloc", "alloc_lowrank", "lowrank_same_size", "lowrank_same_size_1600", "lowrank_same_size_6400")
 # The bit levels each recipe is written for (configs/mini/recipes/dpq_<b>bit_<recipe>.yaml); one not
 # named here exists at 1 and 2 bits. At 3 bits only the rules that decide the 3-bit default.
-ONLY_BITS = {"alloc_lowrank": (1,), "lowrank_same_size": (1,), "lowrank_same_size_1600": (1,),
-             "lowrank_same_size_6400": (1,), "floats_6400": (1,),
+ONLY_BITS = {"alloc_lowrank": (1,), "ddpm_only": (1,), "rec_x10": (1,), "lowrank_same_size": (1,),
+             "lowrank_same_size_1600": (1,), "lowrank_same_size_6400": (1,), "floats_6400": (1,),
              "soft_anneal_6400": (1,),
              **{r: (1, 2, 3) for r in ("frozen", "floats", "output_aware", "soft_anneal")}}
 DEFAULT_LEVELS = (1, 2)
