@@ -1,6 +1,6 @@
 """The calibration-recipe comparison on the digits miniature, one command per seed, and its report.
 
-    python scripts/recipes.py --seed 0                 # every recipe at 1, 2 (and 3) bits (7-25 min a run; 6400 steps 2-2.5 h)
+    python scripts/recipes.py --seed 0                 # every recipe at 1, 2 (and 3) bits (7-25 min a run; 6400 steps 1-2 h)
     python scripts/recipes.py --seed 0 --bits 1 --recipes frozen floats   # a subset
     python scripts/recipes.py --report                 # re-render docs/results-recipes.md
     python scripts/recipes.py --seed 0 --quick --results /tmp/r --runs /tmp/r/runs   # tiny counts (smoke)
