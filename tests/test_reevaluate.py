@@ -51,6 +51,7 @@ def test_a_finished_run_is_measured_once_and_rendered(tmp_path, monkeypatch, cap
     md = (tmp_path / "reeval.md").read_text()
     own = json.loads((out / "summary.json").read_text())["eval"]["student"]
     assert f"| quickstart | 0 | {own['fid_proxy']:.2f} | {rec['metrics']['fid_proxy']:.2f} |" in md
+    assert rec["own"] == {k: own[k] for k in ("fid_proxy", "kid_proxy", "kid_proxy_std", "is_proxy", "agreement")}
     assert f"Teacher FID-proxy under it: {teacher['metrics']['fid_proxy']:.2f}" in md
     assert "Lowest mean FID-proxy under this protocol: **quickstart**" in md
     # measured before: kept, not measured again
@@ -58,6 +59,9 @@ def test_a_finished_run_is_measured_once_and_rendered(tmp_path, monkeypatch, cap
     assert script.main([str(out), *over, "--results", str(results), "--threads", "1"]) == 0
     assert "measured before (seed0-qs.json), kept" in capsys.readouterr().out
     assert render(results, ROOT) == md  # rendered from the files alone
+    (out / "summary.json").rename(out / "summary.moved")  # the run folder gone: its own numbers stay in the report
+    assert render(results, ROOT) == md
+    (out / "summary.moved").rename(out / "summary.json")
     # a folder that is not a finished run: a clear error that names it
     with pytest.raises(SystemExit):
         script.main([str(tmp_path), *over, "--results", str(results)])

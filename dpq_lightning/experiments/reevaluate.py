@@ -55,17 +55,20 @@ def measure(run: Path, overrides: list[str], out_dir: Path, root: Path, log=prin
     t0 = time.time()
     res = proxy_evaluate(student, cfg.eval, clf)
     rel = run.resolve().relative_to(root) if run.resolve().is_relative_to(root) else run
+    own = _original(run)
     record = {"run": str(rel), "name": cfg.name, "seed": cfg.seed, "overrides": overrides,
               "metrics": {k: res[k] for k in PROXY_KEYS if k in res},
+              # the run's own numbers, kept in the record: run folders are scratch, the report is not
+              "own": {k: own[k] for k in PROXY_KEYS if k in own},
               "seconds": round(time.time() - t0, 1), "machine": machine(), "date": time.strftime("%Y-%m-%d")}
     write_json_atomic(record, target)
     log(f"{run}: FID-proxy {res['fid_proxy']:.2f}, agreement {res['agreement']:.3f} ({record['seconds']:.0f} s)")
     return record
 
 
-def _original(root: Path, record: dict) -> dict:
+def _original(run: Path) -> dict:
     """The run's own final evaluation (its ``summary.json``), when the run folder is still there."""
-    f = root / record["run"] / "summary.json"
+    f = run / "summary.json"
     return json.loads(f.read_text()).get("eval", {}).get("student", {}) if f.is_file() else {}
 
 
@@ -103,7 +106,7 @@ def render(results: Path, root: Path) -> str:
             by_name.setdefault(r["name"], []).append(r)
         rows = []
         for name, rs in by_name.items():
-            own = [_original(root, r) for r in rs]
+            own = [r.get("own") or _original(root / r["run"]) for r in rs]
             here = [r["metrics"] for r in rs]
             fid_here = [m["fid_proxy"] for m in here]
             rows.append((sum(fid_here) / len(fid_here), (
