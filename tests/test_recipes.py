@@ -184,6 +184,16 @@ def test_length_points_feed_the_curve_figure_only_where_a_recipe_has_two_lengths
     assert out == tmp_path / "len.png" and out.stat().st_size > 1000
 
 
+def test_a_pick_on_fewer_than_three_seeds_is_called_provisional():
+    from dpq_lightning.experiments.recipe_report import provisional
+
+    fid = {"soft_anneal": {0: 6.6}, "frozen": {0: 7.2}}
+    assert provisional(choose(fid)[0], fid) == (" - measured on seed(s) 0 only: provisional; the configs follow the "
+                                                 "rule once every rival has 3 seeds")
+    three = {"a": {0: 1.0, 1: 1.0, 2: 1.0}}
+    assert provisional("a", three) == "" and provisional(None, fid) == ""
+
+
 def test_without_a_winner_the_report_names_the_lowest_mean_and_its_seed_record():
     """The 2-bit case of docs/results-recipes.md: every recipe loses some seed by more than 10%."""
     from dpq_lightning.experiments.recipe_report import lowest_mean_line
