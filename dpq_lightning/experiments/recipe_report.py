@@ -12,7 +12,7 @@ from typing import Callable
 
 from ..atomic import write_text_atomic
 from .recipes import (ADDS_BYTES, FROZEN_TWIN, LENGTH_OF, REASSIGNING, RECIPES, SAME_SIZE_TWIN, TOLERANCE, choose,
-                      length_curves, length_points)
+                      length_curves, length_points, shared_means)
 from .report import _plt, _save, protocol_name
 
 # A default set in configs/ rests on this many seeds per recipe (the issue asks for seeds 0, 1 and 2).
@@ -124,11 +124,11 @@ def fig_length(runs: dict, teacher: float | None, path: Path) -> Path | None:
     fig, axes = plt.subplots(1, len(per_bits), figsize=(5.5 * len(per_bits), 4), squeeze=False)
     for ax, (b, curves) in zip(axes[0], per_bits.items()):
         for i, (base, points) in enumerate(curves.items()):
-            shared = sorted(set.intersection(*(set(v) for _, v in points)))
+            shared, means = shared_means(points)
             for n, v in points:
                 ax.plot([n] * len(v), list(v.values()), ".", color=f"C{i}", ms=5, alpha=0.6)
             if shared:
-                ax.plot([n for n, _ in points], [sum(v[s] for s in shared) / len(shared) for _, v in points], "-o",
+                ax.plot([n for n, _ in means], [m for _, m in means], "-o",
                         color=f"C{i}", label=f"{base} (mean of seeds {', '.join(map(str, shared))})")
         if teacher:
             ax.axhline(teacher, color="k", ls="--", lw=1, label="teacher")

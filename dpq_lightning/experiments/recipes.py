@@ -131,15 +131,21 @@ def length_points(fid: dict[str, dict[int, float]]) -> dict[str, list[tuple[int,
     return curves
 
 
+def shared_means(points: list[tuple[int, dict[int, float]]]) -> tuple[list[int], list[tuple[int, float]]]:
+    """A length curve's seeds that every length shares, and its mean FID-proxy over them per length
+    (``([], [])`` when no seed is shared): the numbers of the report's line and of its figure."""
+    seeds = sorted(set.intersection(*(set(v) for _, v in points)))
+    return seeds, ([(n, sum(v[s] for s in seeds) / len(seeds)) for n, v in points] if seeds else [])
+
+
 def length_curves(fid: dict[str, dict[int, float]]) -> list[str]:
     """One line per recipe measured at more than one length: mean FID-proxy per step count over
     the seeds every length shares, and the ratio of the longest to the base length."""
     lines = []
     for base, points in length_points(fid).items():
-        seeds = sorted(set.intersection(*(set(v) for _, v in points)))
+        seeds, means = shared_means(points)
         if not seeds:
             continue
-        means = [(n, sum(v[s] for s in seeds) / len(seeds)) for n, v in points]
         lines.append(f"Length curve of {base} (seeds {', '.join(map(str, seeds))}): "
                      + ", ".join(f"{n} steps {m:.1f}" for n, m in means)
                      + f"; {means[-1][0]} vs {means[0][0]} steps: {means[-1][1] / means[0][1]:.2f}x.")
