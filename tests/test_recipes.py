@@ -111,8 +111,8 @@ def test_recipes_run_through_train_py_share_stage1_and_render(tmp_path, monkeypa
     (dest / "dpq_1bit_teacher_data.json").write_text(json.dumps({**rec, "reused_from": "results-mini/seed3/x.json"}))
     md = write_report(results, tmp_path / "recipes.md").read_text()
     assert "- \\* frozen, seed 3: resumed at step 2 of 4; its minutes count only the part after the resume." in md
-    assert ("- teacher_data, seed 3: the record of `results-mini/seed3/x.json`, the same run under another name, "
-            "reused (not run again).") in md
+    assert ("- teacher_data, seed 3: copied from `results-mini/seed3/x.json` when that file held the same run "
+            "under another name (not run again).") in md
     row = next(line for line in md.splitlines() if line.startswith("| frozen |"))
     assert row.endswith("* |") and not next(line for line in md.splitlines()
                                             if line.startswith("| limited_1pct |")).endswith("* |")

@@ -214,8 +214,9 @@ def write_report(results: Path, out: Path) -> Path:
                     lines.append(f"- \\* {r}, seed {s}: resumed at step {rec['resumed_at_step']} of "
                                  f"{rec['summary']['steps']}; its minutes count only the part after the resume.")
                 if rec.get("reused_from"):
-                    lines.append(f"- {r}, seed {s}: the record of `{rec['reused_from']}`, the same run under another "
-                                 "name, reused (not run again).")
+                    # the other list's file may since hold another run (its config changed); the copy here stays
+                    lines.append(f"- {r}, seed {s}: copied from `{rec['reused_from']}` when that file held the same run "
+                                 "under another name (not run again).")
         for r in RECIPES:  # the soft rules: what the mixture scored before it was hardened
             for s, rec in sorted(runs.get((b, r), {}).items()):
                 soft = rec["summary"].get("final_metrics", {}).get("soft/fid_proxy")
