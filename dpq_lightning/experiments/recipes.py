@@ -45,15 +45,19 @@ RECIPES = {
     "lowrank_same_size_6400": "lowrank_same_size, 6400 steps instead of 400",
     "alloc_1600": "alloc, 1600 steps instead of 400",
     "lowrank_same_size_ddpm_only": "lowrank_same_size, DDPM loss only (no block reconstruction)",
+    "lowrank_same_size_ddpm_only_1600": "lowrank_same_size_ddpm_only, 1600 steps instead of 400",
+    "lowrank_same_size_ddpm_only_6400": "lowrank_same_size_ddpm_only, 6400 steps instead of 400",
 }
 # Recipes that change the quantization itself (bit allocation), at no more than the cell's size.
 QUANT_RECIPES = ("alloc", "alloc_1600", "alloc_lowrank", "lowrank_same_size", "lowrank_same_size_1600",
-                 "lowrank_same_size_6400", "lowrank_same_size_ddpm_only")
+                 "lowrank_same_size_6400", "lowrank_same_size_ddpm_only", "lowrank_same_size_ddpm_only_1600",
+                 "lowrank_same_size_ddpm_only_6400")
 # The bit levels each recipe is written for (configs/mini/recipes/dpq_<b>bit_<recipe>.yaml); one not
 # named here exists at 1 and 2 bits. At 3 bits only the rules that decide the 3-bit default.
 ONLY_BITS = {"alloc_lowrank": (1,), "ddpm_only": (1,), "rec_x10": (1,), "lowrank_same_size": (1,),
              "lowrank_same_size_1600": (1,), "lowrank_same_size_6400": (1,), "floats_6400": (1,), "alloc_1600": (2,),
              "soft_anneal_6400": (1,), "lowrank_same_size_ddpm_only": (1,),
+             "lowrank_same_size_ddpm_only_1600": (1,), "lowrank_same_size_ddpm_only_6400": (1,),
              **{r: (1, 2, 3) for r in ("frozen", "floats", "output_aware", "soft_anneal")}}
 DEFAULT_LEVELS = (1, 2)
 REASSIGNING = ("output_aware", "limited_1pct", "limited_10pct", "limited_0p1pct", "soft", "soft_hold", "soft_anneal",
@@ -65,7 +69,9 @@ FROZEN_TWIN = {"soft_anneal": "floats", "soft_anneal_1600": "floats_1600", "soft
 LENGTH_OF = {"floats_1600": ("floats", 1600), "soft_anneal_1600": ("soft_anneal", 1600),
              "floats_6400": ("floats", 6400), "soft_anneal_6400": ("soft_anneal", 6400),
              "lowrank_same_size_1600": ("lowrank_same_size", 1600),
-             "lowrank_same_size_6400": ("lowrank_same_size", 6400), "alloc_1600": ("alloc", 1600)}
+             "lowrank_same_size_6400": ("lowrank_same_size", 6400), "alloc_1600": ("alloc", 1600),
+             "lowrank_same_size_ddpm_only_1600": ("lowrank_same_size_ddpm_only", 1600),
+             "lowrank_same_size_ddpm_only_6400": ("lowrank_same_size_ddpm_only", 6400)}
 # Recipes that add bytes (a low-rank correction): not rivals at equal size, so not candidates for
 # the default; the report sets each against its equal-size base recipe, size included.
 ADDS_BYTES = {"lowrank": "floats"}
