@@ -66,3 +66,13 @@ def test_a_finished_run_is_measured_once_and_rendered(tmp_path, monkeypatch, cap
     with pytest.raises(SystemExit):
         script.main([str(tmp_path), *over, "--results", str(results)])
     assert f"not finished runs (no model.dpq): {tmp_path}" in capsys.readouterr().err
+
+
+def test_the_lowest_mean_is_named_among_the_models_with_the_most_seeds():
+    from dpq_lightning.experiments.reevaluate import lowest_line
+
+    means = [("winner", (0, 1, 2), 4.52), ("one_seed", (0,), 4.46), ("other", (0, 1, 2), 5.85)]
+    assert lowest_line(means) == ("Lowest mean FID-proxy under this protocol: **winner** (among the models "
+                                  "measured on seeds 0, 1, 2; those measured on fewer seeds are not ranked "
+                                  "against them).")
+    assert lowest_line([("a", (0,), 5.0), ("b", (0,), 4.0)]) == "Lowest mean FID-proxy under this protocol: **b**."
