@@ -348,6 +348,8 @@ if __name__ == "__main__":
     _, _, resumed = fit(data, 60, resume=os.path.join(out, "stop.ckpt"))  # ... and resume on both ranks
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"batch_size": batch_size, "seen": full, "first": first, "resumed": resumed}, f)
+    if torch.distributed.is_initialized():  # as jobs/run.py does: gloo can abort at exit otherwise (seen: SIGABRT)
+        torch.distributed.destroy_process_group()
 """
 
 
