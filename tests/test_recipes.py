@@ -189,7 +189,7 @@ def test_a_pick_on_fewer_than_three_seeds_is_called_provisional():
 
     fid = {"soft_anneal": {0: 6.6}, "frozen": {0: 7.2}}
     assert provisional(choose(fid)[0], fid) == (" - measured on seed(s) 0 only: provisional; the configs follow the "
-                                                 "rule once every rival has 3 seeds")
+                                                 "rule once its pick rests on 3 seeds")
     three = {"a": {0: 1.0, 1: 1.0, 2: 1.0}}
     assert provisional("a", three) == "" and provisional(None, fid) == ""
 

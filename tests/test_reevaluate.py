@@ -73,6 +73,5 @@ def test_the_lowest_mean_is_named_among_the_models_with_the_most_seeds():
 
     means = [("winner", (0, 1, 2), 4.52), ("one_seed", (0,), 4.46), ("other", (0, 1, 2), 5.85)]
     assert lowest_line(means) == ("Lowest mean FID-proxy under this protocol: **winner** (among the models "
-                                  "measured on seeds 0, 1, 2; those measured on fewer seeds are not ranked "
-                                  "against them).")
+                                  "measured on 3 seeds; those measured on fewer are not ranked against them).")
     assert lowest_line([("a", (0,), 5.0), ("b", (0,), 4.0)]) == "Lowest mean FID-proxy under this protocol: **b**."

@@ -83,7 +83,7 @@ def provisional(winner: str | None, fid: dict[str, dict[int, float]], needed: in
     if winner is None or len(fid[winner]) >= needed:
         return ""
     return (f" - measured on seed(s) {', '.join(map(str, sorted(fid[winner])))} only: provisional; the configs follow "
-            f"the rule once every rival has {needed} seeds")
+            f"the rule once its pick rests on {needed} seeds")
 
 
 def fig_recipes(runs: dict, teacher: float | None, path: Path) -> Path:

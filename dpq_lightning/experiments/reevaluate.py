@@ -77,11 +77,11 @@ def lowest_line(means: list[tuple[str, tuple[int, ...], float]]) -> str:
     models measured on the most seeds only, since a one-seed number next to a three-seed mean says
     nothing about which is lower."""
     most = max(len(seeds) for _, seeds, _ in means)
-    name, seeds, _ = min((m for m in means if len(m[1]) == most), key=lambda m: m[2])
+    name = min((m for m in means if len(m[1]) == most), key=lambda m: m[2])[0]
     if all(len(m[1]) == most for m in means):
         return f"Lowest mean FID-proxy under this protocol: **{name}**."
-    return (f"Lowest mean FID-proxy under this protocol: **{name}** (among the models measured on seeds "
-            f"{', '.join(map(str, seeds))}; those measured on fewer seeds are not ranked against them).")
+    return (f"Lowest mean FID-proxy under this protocol: **{name}** (among the models measured on {most} seeds; "
+            "those measured on fewer are not ranked against them).")
 
 
 def _cell(values: list[float], fmt: str = ".2f") -> str:
@@ -121,11 +121,12 @@ def render(results: Path, root: Path) -> str:
             own = [r.get("own") or _original(root / r["run"]) for r in rs]
             here = [r["metrics"] for r in rs]
             fid_here = [m["fid_proxy"] for m in here]
-            means.append((name, tuple(r["seed"] for r in rs), sum(fid_here) / len(fid_here)))
-            rows.append((sum(fid_here) / len(fid_here), (
+            mean = sum(fid_here) / len(fid_here)
+            means.append((name, tuple(r["seed"] for r in rs), mean))
+            rows.append((mean, (
                 f"| {name} | {', '.join(str(r['seed']) for r in rs)} "
                 f"| {_cell([o['fid_proxy'] for o in own if 'fid_proxy' in o])} | {_cell(fid_here)} "
-                f"| {sum(fid_here) / len(fid_here) / teacher['fid_proxy']:.2f}x "
+                f"| {mean / teacher['fid_proxy']:.2f}x "
                 f"| {_cell([o['kid_proxy'] for o in own if 'kid_proxy' in o])} | {_cell([m['kid_proxy'] for m in here])} "
                 f"| {_cell([o['agreement'] for o in own if 'agreement' in o], '.3f')} "
                 f"| {_cell([m['agreement'] for m in here], '.3f')} | {sum(r['seconds'] for r in rs) / 60:.1f} |")))
