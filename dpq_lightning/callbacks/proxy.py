@@ -18,7 +18,10 @@ class ProxyMetricsCallback(PeriodicCallback):
     images from ``pl_module.student`` with the one sampling loop and log, from rank 0,
     ``val/fid_proxy``, ``val/is_proxy``, ``val/kid_proxy``, ``val/agreement`` (plus ``_std`` of IS
     and KID). At train start the frozen teacher is measured the same way once
-    (``val/teacher_fid_proxy``, ...), so the gap to the teacher is visible (``val/fid_proxy_gap``).
+    (``val/teacher_fid_proxy``, ...), so the gap to the teacher is visible (``val/fid_proxy_gap``),
+    and its samples are kept (rank 0): every later evaluation of the student, drawn from the same
+    noise, also logs the teacher-paired ``val/fid_to_teacher``, ``val/mse_to_teacher`` and
+    ``val/match_teacher`` (:mod:`dpq_lightning.metrics.paired`).
 
     Distributed: every rank samples its share (indices ``i % world == rank``) of the run's
     ``eval.sampling_protocol()`` (:func:`dpq_lightning.evaluation.offline.sample_n`: shuffled balanced labels, noise
@@ -44,6 +47,7 @@ class ProxyMetricsCallback(PeriodicCallback):
         self._classifier = None
         self._active = True
         self.teacher_metrics: dict[str, float] = {}
+        self._teacher_samples: torch.Tensor | None = None  # rank 0: the teacher's samples, for the paired metrics
         self.history: list[tuple[int, dict[str, float]]] = []  # (step, metrics) on rank 0
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -65,7 +69,7 @@ class ProxyMetricsCallback(PeriodicCallback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         if self._active and self.teacher and getattr(pl_module, "teacher", None) is not None:
-            self.teacher_metrics = self.measure(trainer, pl_module, pl_module.teacher)
+            self.teacher_metrics = self.measure(trainer, pl_module, pl_module.teacher, keep=True)
             log_scalars(trainer, {f"val/teacher_{k}": v for k, v in self.teacher_metrics.items()})
         super().on_train_start(trainer, pl_module)
 
@@ -89,9 +93,11 @@ class ProxyMetricsCallback(PeriodicCallback):
         return EvalConfig(num_samples=self.num_samples, sampling_steps=self.steps, cfg_scale=self.cfg_scale,
                           method=self.method, seed=self.seed).sampling_protocol()
 
-    def measure(self, trainer: L.Trainer, pl_module: L.LightningModule, model: torch.nn.Module) -> dict[str, float]:
+    def measure(self, trainer: L.Trainer, pl_module: L.LightningModule, model: torch.nn.Module,
+                keep: bool = False) -> dict[str, float]:
         """Sample this rank's share (indices ``i % world == rank``), gather on rank 0, compute the
-        proxy there; the same dict on every rank."""
+        proxy there (and the paired metrics against the kept teacher samples); the same dict on
+        every rank. ``keep``: keep these samples as the teacher's."""
         from ..evaluation.offline import sample_n
 
         world, rank, dev = trainer.world_size, trainer.global_rank, pl_module.device
@@ -99,7 +105,7 @@ class ProxyMetricsCallback(PeriodicCallback):
         with eval_mode(model):
             x, labels, _ = sample_n(model, proto, batch_size=self.batch_size, rank=rank, world=world, device=dev)
         if world == 1:
-            return self.compute(x, labels)
+            return self.compute(x, labels, keep)
         per = math.ceil(self.num_samples / world)  # equal shares for all_gather: pad the short ones
 
         def gathered(t: torch.Tensor) -> torch.Tensor:  # rank r holds samples r, r + world, ...: back in index order
@@ -111,7 +117,7 @@ class ProxyMetricsCallback(PeriodicCallback):
         metrics = None
         if trainer.is_global_zero:
             try:
-                metrics = self.compute(x, labels)
+                metrics = self.compute(x, labels, keep)
             except Exception as err:  # noqa: BLE001 - re-raised on every rank below, none left waiting
                 metrics = {"__error__": f"{type(err).__name__}: {err}"}
         metrics = trainer.strategy.broadcast(metrics, src=0)
@@ -119,5 +125,12 @@ class ProxyMetricsCallback(PeriodicCallback):
             raise RuntimeError(f"ProxyMetricsCallback: the proxy metrics failed on rank 0: {metrics['__error__']}")
         return metrics
 
-    def compute(self, samples: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        return proxy_metrics_of(samples, labels, self._clf())
+    def compute(self, samples: torch.Tensor, labels: torch.Tensor, keep: bool = False) -> dict[str, float]:
+        m = proxy_metrics_of(samples, labels, self._clf())
+        if keep:
+            self._teacher_samples = samples
+        elif self._teacher_samples is not None:
+            from ..metrics.paired import paired_metrics
+
+            m.update(paired_metrics(samples, self._teacher_samples, self._clf()))
+        return m

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from .protocol import LABEL_RULES, NOISE_RULES, SamplingProtocol, preset
 
 FOLLOW = ("teacher", "student", "both")
+DIGITS_TEACHER = "checkpoints/digits_teacher.pt"  # the miniature's shipped teacher: the default model to pair with
+DIGITS_TEACHER_ARCH = "checkpoints/digits_teacher.json"
 
 
 @dataclass
@@ -40,8 +42,13 @@ class EvalConfig:
     labels: str | None = None  # None: the protocol's (reference: uniform; diffusers: shuffled)
     noise: str | None = None  # None: the protocol's (reference: reference; diffusers: per_rank)
     batch_size: int = 32  # reference noise: samples per batch per rank (sample_ddp.py's --per-proc-batch-size)
+    noise_sets: int = 1  # final evaluation: independent eval-noise sets (eval seeds seed, seed+1, ...), reported as mean and spread
+    paired: bool = True  # teacher-paired metrics (fid_to_teacher, mse_to_teacher, match_teacher) beside the proxy
+    teacher_cache: str | None = "runs/teacher_samples"  # the teacher's samples per protocol, computed once (None: never cached)
 
     def __post_init__(self) -> None:
+        if self.noise_sets < 1:
+            raise ValueError(f"eval.noise_sets must be >= 1 (independent eval-noise sets), got {self.noise_sets}")
         if self.method not in ("ddim", "ddpm"):
             raise ValueError(f"eval.method must be 'ddim' or 'ddpm', got {self.method!r}")
         if self.trajectory_follow not in FOLLOW:
@@ -99,6 +106,10 @@ class OfflineEvalConfig:
     threads: int | None = None
     out: str | None = None  # metrics JSON, written by rank 0
     quiet: bool = False
+    paired: bool = True  # teacher-paired metrics against reference_model's samples from the same noise
+    reference_model: str | None = None  # the model to pair with (.dpq, or .pt with reference_arch_json); None: proxy -> the shipped teacher
+    reference_arch_json: str | None = None  # a .pt reference's architecture (None with the default: checkpoints/digits_teacher.json)
+    reference_cache: str | None = "runs/teacher_samples"  # the reference's samples per protocol, computed once (None: never cached)
 
     def __post_init__(self) -> None:
         if (self.packed is None) == (self.teacher is None):
@@ -112,7 +123,16 @@ class OfflineEvalConfig:
                              f"got {self.labels!r}, {self.noise!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.paired and self.metric == "inception" and self.reference_model is None:
+            raise ValueError("metric 'inception' has no default reference model for the paired metrics: give "
+                             "reference_model=FILE (the full-precision teacher, .pt with reference_arch_json) or paired=false")
         self.sampling_protocol()  # method, steps and counts are checked there
+
+    def reference(self) -> tuple[str, str | None]:
+        """``(file, arch_json)`` of the model the paired metrics compare with (proxy default: the shipped teacher)."""
+        if self.reference_model is None:
+            return DIGITS_TEACHER, self.reference_arch_json or DIGITS_TEACHER_ARCH
+        return self.reference_model, self.reference_arch_json
 
     def sampling_protocol(self) -> SamplingProtocol:
         clip = self.metric == "proxy" if self.clip_denoised is None else self.clip_denoised

@@ -37,9 +37,8 @@ def proxy_metrics_of(samples: torch.Tensor, labels: torch.Tensor, classifier: nn
             "agreement": float(r["agreement"])}
 
 
-def proxy_evaluate(model: nn.Module, cfg: EvalConfig, classifier: nn.Module) -> dict[str, float]:
-    """The proxy metrics of ``model`` under ``cfg.sampling_protocol()`` in one process (rank 0's noise
-    stream, all samples): what the proxy callback computes in a single process, bit for bit."""
+def _samples(model: nn.Module, cfg: EvalConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """``model``'s digits samples and labels under ``cfg.sampling_protocol()`` in one process."""
     from .offline import sample_n
 
     if shape_of(model) != DIGITS_SHAPE:
@@ -49,7 +48,57 @@ def proxy_evaluate(model: nn.Module, cfg: EvalConfig, classifier: nn.Module) -> 
         x, labels, _ = sample_n(model, cfg.sampling_protocol(), batch_size=SAMPLE_CHUNK)
     finally:
         model.train(was)
-    return proxy_metrics_of(x.float(), labels, classifier)
+    return x.float(), labels
+
+
+def proxy_evaluate(model: nn.Module, cfg: EvalConfig, classifier: nn.Module) -> dict[str, float]:
+    """The proxy metrics of ``model`` under ``cfg.sampling_protocol()`` in one process (rank 0's noise
+    stream, all samples): what the proxy callback computes in a single process, bit for bit."""
+    x, labels = _samples(model, cfg)
+    return proxy_metrics_of(x, labels, classifier)
+
+
+def teacher_set(teacher: nn.Module, cfg: EvalConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's samples under ``cfg``'s protocol, from ``cfg.teacher_cache`` when computed before."""
+    from .reference import teacher_samples
+
+    if shape_of(teacher) != DIGITS_SHAPE:
+        raise ValueError(f"the proxy metrics need 1x8x8 digits samples, the teacher draws {shape_of(teacher)}")
+    x, labels = teacher_samples(teacher, cfg.sampling_protocol(), SAMPLE_CHUNK, cfg.teacher_cache)
+    return x.float(), labels
+
+
+def paired_evaluate(model: nn.Module, teacher: nn.Module, cfg: EvalConfig, classifier: nn.Module,
+                    with_teacher: bool = False) -> dict:
+    """One eval-noise set (``cfg.seed``): ``{"seed", "student": proxy + paired metrics[, "teacher": proxy]}``.
+    The teacher's samples (same ``x_T``, labels and sampler noise) come from the cache."""
+    from ..metrics.paired import paired_metrics
+
+    x, labels = _samples(model, cfg)
+    out = {"seed": cfg.seed, "student": proxy_metrics_of(x, labels, classifier)}
+    if cfg.paired or with_teacher:
+        xt, lt = teacher_set(teacher, cfg)
+        if not torch.equal(lt, labels):
+            raise RuntimeError("the teacher's cached samples were drawn for other labels: the cache entry does not "
+                               f"match this protocol; delete {cfg.teacher_cache} and rerun")
+        if cfg.paired:
+            out["student"].update(paired_metrics(x, xt, classifier))
+        if with_teacher:
+            out["teacher"] = proxy_metrics_of(xt, lt, classifier)
+    return out
+
+
+def noise_set_configs(cfg: EvalConfig) -> list[EvalConfig]:
+    """The final evaluation's independent eval-noise sets: ``cfg`` at seeds ``seed .. seed + noise_sets - 1``."""
+    from dataclasses import replace
+
+    return [replace(cfg, seed=cfg.seed + k) for k in range(cfg.noise_sets)]
+
+
+def mean_over_sets(sets: list[dict], who: str) -> dict[str, float]:
+    """Each metric's mean over the noise sets that report it (one set: its own numbers, unchanged)."""
+    keys = [k for k in sets[0][who] if all(k in s[who] for s in sets)]
+    return {k: sum(s[who][k] for s in sets) / len(sets) for k in keys}
 
 
 def before_hardening(student: nn.Module, cfg: EvalConfig) -> dict[str, float]:
@@ -79,9 +128,16 @@ def trajectory_errors(teacher: nn.Module, student: nn.Module, cfg: EvalConfig) -
 
 
 def final_evaluation(student: nn.Module, teacher: nn.Module, cfg: EvalConfig) -> dict:
-    """``{"student": metrics, "teacher": metrics, "trajectory": {...}, "protocol": {...}}`` for the
-    run's summary. The teacher is measured only when ``cfg.final_teacher``; a count of 0 in
-    ``cfg`` leaves its part out, as for the callbacks."""
+    """``{"student": metrics, "teacher": metrics, "noise_sets": [...], "floor": {...}, "trajectory": {...},
+    "protocol": {...}}`` for the run's summary.
+
+    ``student`` (and ``teacher``) are the means over ``cfg.noise_sets`` independent eval-noise sets;
+    ``noise_sets`` holds each set's numbers, so a report can state the spread. With ``cfg.paired`` the
+    student's metrics include ``fid_to_teacher``, ``mse_to_teacher`` and ``match_teacher`` against the
+    teacher's samples from the same noise (cached per protocol). With two sets or more, ``floor``
+    holds the instrument's noise: the Frechet distance between the teacher's own first two sets
+    (independent noise). The teacher's proxy metrics are measured only when ``cfg.final_teacher``; a
+    count of 0 in ``cfg`` leaves its part out, as for the callbacks."""
     import time
     from dataclasses import asdict
 
@@ -91,9 +147,17 @@ def final_evaluation(student: nn.Module, teacher: nn.Module, cfg: EvalConfig) ->
     out: dict = {"protocol": {**asdict(cfg), "trajectory_samples": TRAJECTORY_SAMPLES}}
     if cfg.num_samples > 0:
         clf = load_digits_classifier(cfg.classifier_path)
-        out["student"] = proxy_evaluate(student, cfg, clf)
+        sets = [paired_evaluate(student, teacher, c, clf, with_teacher=cfg.final_teacher)
+                for c in noise_set_configs(cfg)]
+        out["student"] = mean_over_sets(sets, "student")
         if cfg.final_teacher:
-            out["teacher"] = proxy_evaluate(teacher, cfg, clf)
+            out["teacher"] = mean_over_sets(sets, "teacher")
+        if len(sets) > 1:
+            out["noise_sets"] = sets
+            from ..metrics.paired import self_distance
+
+            a, b = (teacher_set(teacher, c)[0] for c in noise_set_configs(cfg)[:2])
+            out["floor"] = {"teacher_vs_teacher_fid": self_distance(a, b, clf)}
     if cfg.trajectory_steps > 0:
         out["trajectory"] = trajectory_errors(teacher, student, cfg)
     out["seconds"] = round(time.time() - t0, 1)

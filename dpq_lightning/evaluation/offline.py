@@ -222,7 +222,10 @@ def evaluate_model(model: nn.Module, cfg: OfflineEvalConfig, rank: int = 0, worl
         post = vae_decoder(load_vae(None, vae_path, dev))
     x, labels, idx = sample_n(model, proto, batch_size=cfg.batch_size, rank=rank, world=world, device=dev,
                               progress=not cfg.quiet, postprocess=post)
-    merged = gather_shards(cfg.shard_dir, {"samples": x, "labels": labels, "indices": idx}, rank, world, tag=tag)
+    shard = {"samples": x, "labels": labels, "indices": idx}
+    if cfg.paired:  # the reference model's samples of the same indices, from the same noise (cached)
+        shard["reference"] = reference_share(cfg, proto, labels, rank, world, dev, post)
+    merged = gather_shards(cfg.shard_dir, shard, rank, world, tag=tag)
     if merged is None:
         return None
     x, labels = merged["samples"], merged["labels"]
@@ -235,7 +238,12 @@ def evaluate_model(model: nn.Module, cfg: OfflineEvalConfig, rank: int = 0, worl
         cpath = cfg.classifier_path or CLASSIFIER_PATH
         x = x.clamp(-1, 1)
         real = load_digits_tensors()[0]
-        metrics = proxy_metrics(x, labels, load_digits_classifier(cpath), real=real)
+        clf = load_digits_classifier(cpath)
+        metrics = proxy_metrics(x, labels, clf, real=real)
+        if cfg.paired:
+            from ..metrics.paired import paired_metrics
+
+            metrics.update(paired_metrics(x, merged["reference"].float(), clf))
         protocol.update(reference=f"all {real.shape[0]} real sklearn digits", feature=f"digits classifier {cpath}")
         images = to_uint8(x).repeat(1, 3, 1, 1)  # for the npz: RGB uint8
     else:
@@ -246,13 +254,48 @@ def evaluate_model(model: nn.Module, cfg: OfflineEvalConfig, rank: int = 0, worl
         if Path(ref).is_dir():
             reference = load_image_dir(ref)
         metrics = image_metrics(images, reference, weights_path=cfg.inception_weights)
+        if cfg.paired:
+            metrics.update(paired_inception(images, merged["reference"], cfg.inception_weights))
         protocol.update(reference=str(ref), feature="FID Inception (torch-fidelity; sFID: Mixed_6d.branch1x1[:7])",
                         inception_weights=cfg.inception_weights or "torch-fidelity default download",
                         vae=str(vae_path))
+    if cfg.paired:
+        ref_file, _ = cfg.reference()
+        protocol.update(paired_with=str(ref_file), paired_cache=cfg.reference_cache)
     if cfg.npz:
         write_adm_npz(images, cfg.npz, labels=labels)
         protocol["npz"] = str(cfg.npz)
     return {"protocol": protocol, "metrics": metrics, "seconds": round(time.time() - t0, 2)}
+
+
+def reference_share(cfg: OfflineEvalConfig, proto: SamplingProtocol, labels: Tensor, rank: int, world: int,
+                    dev: torch.device, post: Callable[[Tensor], Tensor] | None) -> Tensor:
+    """This rank's share of ``cfg.reference()``'s samples under ``proto`` (the evaluated model's
+    indices, noise and labels), from ``cfg.reference_cache`` when computed before."""
+    from .reference import teacher_samples
+
+    ref_file, ref_arch = cfg.reference()
+    ref = load_eval_model(packed=ref_file if str(ref_file).endswith(".dpq") else None,
+                          teacher=None if str(ref_file).endswith(".dpq") else ref_file, arch_json=ref_arch, device=dev)
+    x_ref, ref_labels = teacher_samples(ref, proto, cfg.batch_size, cfg.reference_cache, rank, world, dev,
+                                        postprocess=post, postprocess_key=str(cfg.vae_path) if post else "")
+    if not torch.equal(ref_labels.cpu(), labels.cpu()):
+        raise RuntimeError(f"reference_model={ref_file} drew other labels than the evaluated model under the same "
+                           "protocol: the two models have different class counts?")
+    return x_ref
+
+
+def paired_inception(images: Tensor, ref_images: Tensor, weights_path: str | None) -> dict[str, float]:
+    """The paired metrics of decoded uint8 images against the reference model's, on the FID
+    Inception's pool features (Frechet distance), its logits (match) and the pixels (relative MSE)."""
+    from ..metrics import extract_all, inception_extractor
+    from ..metrics.paired import paired_from_features, uint8_pairs_mse
+
+    ext = inception_extractor(weights_path)
+    a, b = extract_all(ext, images), extract_all(ext, ref_images)
+    out = paired_from_features(a["pool"], b["pool"], a["logits"], b["logits"])
+    out["mse_to_teacher"] = uint8_pairs_mse(images, ref_images)
+    return out
 
 
 def load_image_dir(path: str | os.PathLike, limit: int | None = None) -> Tensor:

@@ -25,7 +25,8 @@ def finish_run(cfg: RunConfig, out: Path, student: torch.nn.Module, teacher: tor
     if cfg.eval.enabled and cfg.eval.final:
         from ..evaluation.final import final_evaluation
 
-        summary["eval"] = final_evaluation(load_packed(path), teacher, cfg.eval)  # what the file holds
+        # what the file holds, decoded once (inference mode): the same weights as decoding in every forward
+        summary["eval"] = final_evaluation(load_packed(path, decode=True), teacher, cfg.eval)
     write_json_atomic(summary, out / "summary.json", indent=2)
     write_text_atomic(report.table(), out / "report.txt")
     return summary

@@ -1,0 +1,78 @@
+"""The re-decision with the teacher-paired instrument: which runs, in what order, one command per seed.
+
+Every entry runs through ``train.py``'s path (:func:`.runner.run_entries`: resumable, one progress
+line per run, the run's own time in its record) with the miniature's evaluation on two
+independent eval-noise sets (``eval.noise_sets: 2`` in ``configs/mini/_miniature.yaml``: eval seeds
+0 and 1) and the teacher-paired metrics, into ``docs/results-paired/seed<S>/<name>.json``. The
+lists:
+
+- ``ladder``: stage-1 PQ of the teacher at 8, 4, 3 and 2 nominal bits (``configs/mini/ladder/``):
+  the instrument's proof (it must order them) and its floor (the 8-bit rung). Seed 0 suffices.
+- ``recipes``: the calibration recipes that decide each bit level's default (:data:`LEVELS`), the
+  authors' recipe ``official`` among them, at our cell's size and at their own.
+- ``schemes``: the grid's calibrated DPQ and VQ cells at every level (the claims, at equal size).
+- ``length``: the length curves of the 1-bit winner and of ``official`` (seed 0 first).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from .runner import Entry, run_entries, write_meta
+
+BITS = (1, 2, 3)
+# The candidates of each level, most telling first (the issue's lists). 'official' is the authors'
+# recipe at our cell's total size; 'official_own_size' at their own layout (no pool, K=256 per
+# column block): larger, so it is reported beside the candidates and never picked.
+LEVELS = {
+    1: ("lowrank_same_size", "official", "lowrank_same_size_ddpm_only", "floats", "frozen", "ddpm_only",
+        "soft_anneal", "alloc", "official_own_size"),
+    2: ("floats", "official", "lowrank_same_size", "alloc", "frozen", "soft_anneal", "official_own_size"),
+    3: ("frozen", "official", "lowrank_same_size", "floats", "output_aware", "soft_anneal", "official_own_size"),
+}
+NOT_CANDIDATES = ("official_own_size",)  # another size: shown, never the default
+# Today's defaults (configs/mini/dpq_<b>bit.yaml and the quickstart): a tie leaves them in place.
+INCUMBENT = {1: "lowrank_same_size", 2: "floats", 3: "frozen"}
+LADDER = (8, 4, 3, 2)
+# Length curves: base recipe -> (steps, recipe file suffix); the base's own length is its first point.
+LENGTH = {"lowrank_same_size": ((1600, "lowrank_same_size_1600"), (6400, "lowrank_same_size_6400")),
+          "official": ((400, "official_400"), (1600, "official_1600"), (6400, "official_6400"))}
+LISTS = ("ladder", "recipes", "schemes", "length")
+
+
+def entries(configs: Path, lists: tuple[str, ...] = LISTS, bits: tuple[int, ...] = BITS) -> list[Entry]:
+    """The entries of ``lists`` at ``bits`` (``configs``: the miniature's folder, ``configs/mini``)."""
+    unknown = [x for x in lists if x not in LISTS]
+    if unknown:
+        raise ValueError(f"unknown list {unknown[0]!r}; known: {', '.join(LISTS)}")
+    out: list[Entry] = []
+    if "ladder" in lists:
+        out += [Entry(f"ladder_pq_{n}bit", configs / "ladder" / f"pq_{n}bit.yaml",
+                      {"list": "ladder", "bits": n, "scheme": "PQ", "recipe": "stage1"}) for n in LADDER]
+    for b in bits:
+        if "recipes" in lists:
+            out += [Entry(f"dpq_{b}bit_{r}", configs / "recipes" / f"dpq_{b}bit_{r}.yaml",
+                          {"list": "recipes", "bits": b, "scheme": "DPQ", "recipe": r}) for r in LEVELS[b]]
+        if "schemes" in lists:
+            out += [Entry(f"{s}_{b}bit", configs / f"{s}_{b}bit.yaml",
+                          {"list": "schemes", "bits": b, "scheme": s.upper(), "recipe": "cell"}) for s in ("dpq", "vq")]
+        if "length" in lists and b == 1:
+            out += [Entry(f"dpq_1bit_{name}", configs / "recipes" / f"dpq_1bit_{name}.yaml",
+                          {"list": "length", "bits": 1, "scheme": "DPQ", "recipe": base, "steps": n})
+                    for base, points in LENGTH.items() for n, name in points]
+    missing = [e.config for e in out if not e.config.is_file()]
+    if missing:
+        raise FileNotFoundError(f"no config {missing[0]} (of {len(missing)} missing): write it before running the list")
+    return out
+
+
+def run_list(seed: int, configs: Path, runs: Path, results: Path, overrides: list[str] | None = None,
+             lists: tuple[str, ...] = LISTS, bits: tuple[int, ...] = BITS, log: Callable[[str], None] = print) -> Path:
+    """Run ``lists`` at ``bits`` for ``seed``; ``results/seed<S>/redecide.json`` holds the cost."""
+    todo = entries(configs, lists, bits)
+    # every entry measures the teacher: its samples come from the cache, so it costs only the features
+    records = run_entries(todo, seed, runs, results, overrides, log, measure_teacher_once=False)
+    dest = results / f"seed{seed}"
+    write_meta(dest, seed, [e.name for e in todo], records, overrides, "redecide.json")
+    return dest
