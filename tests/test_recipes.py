@@ -11,7 +11,7 @@ import yaml
 from dpq_lightning.config import load_config
 from dpq_lightning.experiments.runner import QUICK
 from dpq_lightning.experiments.recipe_report import write_report
-from dpq_lightning.experiments.recipes import (BITS, DEFAULT_LEVELS, ONLY_BITS, QUANT_RECIPES, RECIPES, choose, entries,
+from dpq_lightning.experiments.recipes import (BITS, DEFAULT_LEVELS, OFFICIAL, ONLY_BITS, QUANT_RECIPES, RECIPES, choose, entries,
                                                run_recipes)
 
 ROOT = Path(__file__).parents[1]
@@ -24,7 +24,9 @@ def test_every_recipe_differs_from_its_cell_only_in_calibration_or_data(bits):
     for e in entries(ROOT / "configs" / "mini", (bits,)):
         cfg = load_config(e.config, ["output_dir=x"])
         assert cfg.model == base.model, e.name
-        if e.meta["recipe"] in QUANT_RECIPES:  # bits per layer: only the overrides and the pointer cap differ,
+        if e.meta["recipe"] in OFFICIAL:
+            check_official(e, cfg, base)
+        elif e.meta["recipe"] in QUANT_RECIPES:  # bits per layer: only the overrides and the pointer cap differ,
             # and the whole planned file is no larger than the uniform cell's
             from dataclasses import replace
 
@@ -38,7 +40,9 @@ def test_every_recipe_differs_from_its_cell_only_in_calibration_or_data(bits):
         else:
             assert cfg.quant == base.quant, e.name
         steps = e.meta["recipe"].rpartition("_")[2]
-        if steps.isdigit():  # a point of the length curve: only the step count (and save interval) differ
+        if e.meta["recipe"] in OFFICIAL:
+            pass  # its trainer: check_official
+        elif steps.isdigit():  # a point of the length curve: only the step count (and save interval) differ
             assert cfg.trainer.max_steps == int(steps) != base.trainer.max_steps, e.name
             assert {k for k, v in vars(cfg.trainer).items() if v != getattr(base.trainer, k)} <= {
                 "max_steps", "ckpt_every_n_steps"}, e.name
@@ -56,6 +60,34 @@ def test_every_recipe_differs_from_its_cell_only_in_calibration_or_data(bits):
     assert len(entries(ROOT / "configs" / "mini", (bits,))) == sum(bits in ONLY_BITS.get(r, DEFAULT_LEVELS) for r in RECIPES)
     assert {p.name for p in (ROOT / "configs" / "mini" / "recipes").glob(f"dpq_{bits}bit_*.yaml")} == {
         e.config.name for e in entries(ROOT / "configs" / "mini", (bits,))}  # every file is a listed recipe
+
+
+def check_official(e, cfg, base):
+    """The authors' recipe: their float layers, d and K (own size: K=256 per column block, no pool,
+    no budget; else the cell's budget met at no more than the uniform cell's stage-1 size), and
+    the trainer changed only in length (2000 = 5x 400, or a length-curve point) and clipping (off)."""
+    from dataclasses import replace
+
+    from dpq_lightning.jobs.stage1 import predict_size
+
+    r = e.meta["recipe"]
+    assert cfg.quant.exclude == ["x_embedder.*", "t_embedder.*", "y_embedder.*", "final_layer.*"], e.name
+    changed = {k for k, v in vars(cfg.quant).items() if v != getattr(base.quant, k)}
+    assert changed <= {"d", "K", "exclude", "overrides", "granularity", "group_rows", "group_cols", "pool", "budget"}
+    planned = predict_size(cfg)
+    if r == "official_own_size":
+        assert cfg.quant.K == 256 and cfg.quant.group_cols == 1 and cfg.quant.group_rows == 0, e.name
+        assert not cfg.quant.pool.enabled and not cfg.quant.budget.active and planned.budget_met is None
+    else:
+        assert planned.budget_met and planned.total_bits <= predict_size(replace(base, stage1_only=True)).total_bits
+    steps = r.rpartition("_")[2]
+    assert cfg.trainer.max_steps == (int(steps) if steps.isdigit() else 5 * base.trainer.max_steps), e.name
+    assert cfg.trainer.gradient_clip_val is None
+    assert {k for k, v in vars(cfg.trainer).items() if v != getattr(base.trainer, k)} <= {
+        "max_steps", "ckpt_every_n_steps", "gradient_clip_val"}, e.name
+    c = cfg.calib
+    assert (c.assignment, c.train_floats, c.w_rec, c.w_out, c.lr, c.schedule, c.weight_decay, c.lowrank_rank) == (
+        "frozen", True, 0.0, 0.0, 1e-4, "constant", 0.0, 0), e.name
 
 
 def test_choose_takes_the_best_mean_that_loses_on_no_seed_by_more_than_10_percent():

@@ -44,7 +44,7 @@ class EvalConfig:
     batch_size: int = 32  # reference noise: samples per batch per rank (sample_ddp.py's --per-proc-batch-size)
     noise_sets: int = 1  # final evaluation: independent eval-noise sets (eval seeds seed, seed+1, ...), reported as mean and spread
     paired: bool = True  # teacher-paired metrics (fid_to_teacher, mse_to_teacher, match_teacher) beside the proxy
-    teacher_cache: str | None = "runs/teacher_samples"  # the teacher's samples per protocol, computed once (None: never cached)
+    teacher_cache: str | None = None  # a folder: the teacher's samples per protocol, computed once (the miniature: runs/teacher_samples)
 
     def __post_init__(self) -> None:
         if self.noise_sets < 1:
@@ -109,7 +109,7 @@ class OfflineEvalConfig:
     paired: bool = True  # teacher-paired metrics against reference_model's samples from the same noise
     reference_model: str | None = None  # the model to pair with (.dpq, or .pt with reference_arch_json); None: proxy -> the shipped teacher
     reference_arch_json: str | None = None  # a .pt reference's architecture (None with the default: checkpoints/digits_teacher.json)
-    reference_cache: str | None = "runs/teacher_samples"  # the reference's samples per protocol, computed once (None: never cached)
+    reference_cache: str | None = None  # a folder: the reference's samples per protocol, computed once (configs/eval/digits.yaml: runs/teacher_samples)
 
     def __post_init__(self) -> None:
         if (self.packed is None) == (self.teacher is None):

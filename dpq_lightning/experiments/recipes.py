@@ -47,18 +47,28 @@ RECIPES = {
     "lowrank_same_size_ddpm_only": "lowrank_same_size, DDPM loss only (no block reconstruction)",
     "lowrank_same_size_ddpm_only_1600": "lowrank_same_size_ddpm_only, 1600 steps instead of 400",
     "lowrank_same_size_ddpm_only_6400": "lowrank_same_size_ddpm_only, 6400 steps instead of 400",
+    "official": "the authors' recipe (float embedders/final layer, DDPM loss only, lr 1e-4) at the cell's size",
+    "official_own_size": "the authors' recipe at their own layout (K=256 per column block, no pool): larger",
+    "official_400": "official, 400 steps instead of its 2000",
+    "official_1600": "official, 1600 steps instead of its 2000",
+    "official_6400": "official, 6400 steps instead of its 2000",
 }
+# The authors' recipe changes the layout (float layers, d and K) and the trainer (length, no clipping):
+# 'official' and its length points at no more than the cell's size, 'official_own_size' at theirs.
+OFFICIAL = ("official", "official_own_size", "official_400", "official_1600", "official_6400")
 # Recipes that change the quantization itself (bit allocation), at no more than the cell's size.
 QUANT_RECIPES = ("alloc", "alloc_1600", "alloc_lowrank", "lowrank_same_size", "lowrank_same_size_1600",
                  "lowrank_same_size_6400", "lowrank_same_size_ddpm_only", "lowrank_same_size_ddpm_only_1600",
                  "lowrank_same_size_ddpm_only_6400")
 # The bit levels each recipe is written for (configs/mini/recipes/dpq_<b>bit_<recipe>.yaml); one not
 # named here exists at 1 and 2 bits. At 3 bits only the rules that decide the 3-bit default.
-ONLY_BITS = {"alloc_lowrank": (1,), "ddpm_only": (1,), "rec_x10": (1,), "lowrank_same_size": (1,),
+ONLY_BITS = {"alloc_lowrank": (1,), "ddpm_only": (1,), "rec_x10": (1,),
              "lowrank_same_size_1600": (1,), "lowrank_same_size_6400": (1,), "floats_6400": (1,), "alloc_1600": (2,),
              "soft_anneal_6400": (1,), "lowrank_same_size_ddpm_only": (1,),
              "lowrank_same_size_ddpm_only_1600": (1,), "lowrank_same_size_ddpm_only_6400": (1,),
-             **{r: (1, 2, 3) for r in ("frozen", "floats", "output_aware", "soft_anneal")}}
+             "official_400": (1,), "official_1600": (1,), "official_6400": (1,),
+             **{r: (1, 2, 3) for r in ("frozen", "floats", "output_aware", "soft_anneal", "lowrank_same_size",
+                                       "official", "official_own_size")}}
 DEFAULT_LEVELS = (1, 2)
 REASSIGNING = ("output_aware", "limited_1pct", "limited_10pct", "limited_0p1pct", "soft", "soft_hold", "soft_anneal",
                "soft_anneal_1600", "soft_anneal_6400")

@@ -10,7 +10,9 @@ lists:
   the instrument's proof (it must order them) and its floor (the 8-bit rung). Seed 0 suffices.
 - ``recipes``: the calibration recipes that decide each bit level's default (:data:`LEVELS`), the
   authors' recipe ``official`` among them, at our cell's size and at their own.
-- ``schemes``: the grid's calibrated DPQ and VQ cells at every level (the claims, at equal size).
+- ``schemes``: the grid's cells at every level (the claims): DPQ and VQ calibrated with the same
+  recipe at equal size (claim 1), PQ without the pool, calibrated (claim 2: what the pool costs),
+  DPQ and VQ after stage 1 alone (claim 3: what calibration gains).
 - ``length``: the length curves of the 1-bit winner and of ``official`` (seed 0 first).
 """
 
@@ -39,6 +41,8 @@ LADDER = (8, 4, 3, 2)
 LENGTH = {"lowrank_same_size": ((1600, "lowrank_same_size_1600"), (6400, "lowrank_same_size_6400")),
           "official": ((400, "official_400"), (1600, "official_1600"), (6400, "official_6400"))}
 LISTS = ("ladder", "recipes", "schemes", "length")
+# The grid's cells the claims need, per level: configs/mini/<cell>_<b>bit.yaml.
+SCHEMES = ("dpq", "vq", "pq", "dpq_stage1", "vq_stage1")
 
 
 def entries(configs: Path, lists: tuple[str, ...] = LISTS, bits: tuple[int, ...] = BITS) -> list[Entry]:
@@ -55,8 +59,9 @@ def entries(configs: Path, lists: tuple[str, ...] = LISTS, bits: tuple[int, ...]
             out += [Entry(f"dpq_{b}bit_{r}", configs / "recipes" / f"dpq_{b}bit_{r}.yaml",
                           {"list": "recipes", "bits": b, "scheme": "DPQ", "recipe": r}) for r in LEVELS[b]]
         if "schemes" in lists:
-            out += [Entry(f"{s}_{b}bit", configs / f"{s}_{b}bit.yaml",
-                          {"list": "schemes", "bits": b, "scheme": s.upper(), "recipe": "cell"}) for s in ("dpq", "vq")]
+            out += [Entry(cell_name(s, b), configs / f"{cell_name(s, b)}.yaml",
+                          {"list": "schemes", "bits": b, "scheme": s.split("_")[0].upper(),
+                           "recipe": "stage1" if s.endswith("stage1") else "cell"}) for s in SCHEMES]
         if "length" in lists and b == 1:
             out += [Entry(f"dpq_1bit_{name}", configs / "recipes" / f"dpq_1bit_{name}.yaml",
                           {"list": "length", "bits": 1, "scheme": "DPQ", "recipe": base, "steps": n})
@@ -65,6 +70,12 @@ def entries(configs: Path, lists: tuple[str, ...] = LISTS, bits: tuple[int, ...]
     if missing:
         raise FileNotFoundError(f"no config {missing[0]} (of {len(missing)} missing): write it before running the list")
     return out
+
+
+def cell_name(scheme: str, bits: int) -> str:
+    """``dpq`` -> ``dpq_1bit``; ``dpq_stage1`` -> ``dpq_1bit_stage1`` (the grid's file names)."""
+    base, _, stage = scheme.partition("_")
+    return f"{base}_{bits}bit" + (f"_{stage}" if stage else "")
 
 
 def run_list(seed: int, configs: Path, runs: Path, results: Path, overrides: list[str] | None = None,

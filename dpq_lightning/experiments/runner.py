@@ -130,8 +130,9 @@ def resumed_step(cfg, out: Path) -> int:
 
 
 # Keys that name a run or say where it writes, not what it computes; eval.final_teacher only adds
-# the teacher's numbers (measured once per list) next to the student's.
-IDENTITY_KEYS = (("name",), ("output_dir",), ("eval", "final_teacher"))
+# the teacher's numbers (measured once per list) next to the student's; eval.teacher_cache only says
+# where the teacher's samples are kept.
+IDENTITY_KEYS = (("name",), ("output_dir",), ("eval", "final_teacher"), ("eval", "teacher_cache"))
 
 
 def experiment_key(cfg) -> dict:
