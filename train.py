@@ -43,11 +43,20 @@ def main(argv: list[str] | None = None) -> int:
         m.update({f"val/teacher_{k}": v for k, v in ev.get("teacher", {}).items()})
         rows = [(label, m.get(f"val/teacher_{key}"), m.get(f"val/{key}")) for label, key in
                 (("FID-proxy", "fid_proxy"), ("IS-proxy", "is_proxy"), ("agreement", "agreement"))]
+        # against the teacher's samples from the same noise: the teacher's own column is exact by definition
+        rows += [(label, ideal, m.get(f"val/{key}")) for label, key, ideal in
+                 (("to teacher: Frechet", "fid_to_teacher", 0.0), ("to teacher: MSE", "mse_to_teacher", 0.0),
+                  ("to teacher: match", "match_teacher", 1.0)) if f"val/{key}" in m]
         if any(v is not None for _, _, v in rows):
-            print(f"{'metric':<12} {'FP teacher':>11} {'compressed':>11}")
+            sets = len(ev.get("noise_sets", [])) or 1
+            print(f"{'metric':<20} {'FP teacher':>11} {'compressed':>11}   (mean over {sets} eval-noise set"
+                  f"{'s' if sets > 1 else ''})")
             for label, fp, q in rows:
                 fmt = lambda v: f"{v:11.3f}" if v is not None else f"{'-':>11}"  # noqa: E731
-                print(f"{label:<12} {fmt(fp)} {fmt(q)}")
+                print(f"{label:<20} {fmt(fp)} {fmt(q)}")
+            if "floor" in ev:
+                print(f"instrument's noise: the teacher against itself with independent noise, Frechet "
+                      f"{ev['floor']['teacher_vs_teacher_fid']:.3f} (pairing removes it: docs/instrument.md)")
     return 0
 
 

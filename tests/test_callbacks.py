@@ -120,6 +120,7 @@ def test_trajectory_files_and_values(csv_fit):
 def test_metrics_logged(csv_fit):
     trainer, _, cbs, tmp = csv_fit
     keys = ["val/fid_proxy", "val/is_proxy", "val/kid_proxy", "val/agreement", "val/fid_proxy_gap",
+            "val/fid_to_teacher", "val/mse_to_teacher", "val/match_teacher",
             "val/teacher_fid_proxy", "val/teacher_is_proxy", "val/teacher_kid_proxy", "val/teacher_agreement",
             "size/ratio", "size/blocks_ratio", "size/effective_bits", "size/nominal_bits",
             "traj/mean_error_teacher", "traj/last_error_student"]
@@ -130,6 +131,8 @@ def test_metrics_logged(csv_fit):
     logged = {k: [(int(r["step"]), float(r[k])) for r in rows if r.get(k)] for k in keys + ["train/loss_total"]}
     assert [s for s, _ in logged["val/fid_proxy"]] == [0, 2, 4]
     assert [s for s, _ in logged["val/teacher_fid_proxy"]] == [0]
+    assert [s for s, _ in logged["val/fid_to_teacher"]] == [0, 2, 4]  # paired with the teacher's step-0 samples
+    assert all(0 <= v <= 1 for _, v in logged["val/match_teacher"]) and all(v > 0 for _, v in logged["val/mse_to_teacher"])
     assert [s for s, _ in logged["size/ratio"]] == [0, 4]  # fit start and end
     assert all(math.isfinite(v) for vals in logged.values() for _, v in vals)
     assert all(0 <= v <= 1 for _, v in logged["val/agreement"]) and logged["train/loss_total"]
@@ -207,6 +210,7 @@ def test_run_with_wandb_offline(teacher_ckpt, tmp_path):
     run_dir = Path(runs[0])
     history, summ = _wandb_history_and_summary(next(run_dir.glob("run-*.wandb")))
     for k in ("val/fid_proxy", "val/is_proxy", "val/kid_proxy", "val/agreement", "val/teacher_fid_proxy",
+              "val/fid_to_teacher", "val/mse_to_teacher", "val/match_teacher",
               "size/ratio", "size/effective_bits", "traj/mean_error_teacher", "train/loss_total"):
         assert isinstance(summ[k], (int, float)) and math.isfinite(summ[k]), k
     steps = [h["trainer/global_step"] for h in history if "val/fid_proxy" in h]
@@ -337,7 +341,7 @@ def test_ddp_two_ranks_shard_and_agree(teacher_ckpt, tmp_path):
     assert proc.returncode == 0, stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["metrics"] == r1["metrics"] and math.isfinite(r0["metrics"]["val/fid_proxy"])
-    assert {"val/fid_proxy", "val/teacher_fid_proxy", "val/agreement"} <= set(r0["metrics"])
+    assert {"val/fid_proxy", "val/teacher_fid_proxy", "val/agreement", "val/fid_to_teacher"} <= set(r0["metrics"])
     assert r0["history"] == [0, 2] and r1["history"] == []  # computed on rank 0 only
     assert len(list((out / "samples").glob("*.png"))) == 2 and len(list((out / "trajectory").glob("*.png"))) == 2
 

@@ -51,7 +51,9 @@ def test_a_finished_run_is_measured_once_and_rendered(tmp_path, monkeypatch, cap
     md = (tmp_path / "reeval.md").read_text()
     own = json.loads((out / "summary.json").read_text())["eval"]["student"]
     assert f"| quickstart | 0 | {own['fid_proxy']:.2f} | {rec['metrics']['fid_proxy']:.2f} |" in md
-    assert rec["own"] == {k: own[k] for k in ("fid_proxy", "kid_proxy", "kid_proxy_std", "is_proxy", "agreement")}
+    assert rec["own"] == {k: own[k] for k in ("fid_proxy", "kid_proxy", "kid_proxy_std", "is_proxy", "agreement",
+                                              "fid_to_teacher", "mse_to_teacher", "match_teacher")}
+    assert rec["metrics"]["fid_to_teacher"] > 0 and 0 <= rec["metrics"]["match_teacher"] <= 1  # paired, fresh noise
     assert f"Teacher FID-proxy under it: {teacher['metrics']['fid_proxy']:.2f}" in md
     assert "Lowest mean FID-proxy under this protocol: **quickstart**" in md
     # measured before: kept, not measured again
@@ -75,3 +77,19 @@ def test_the_lowest_mean_is_named_among_the_models_with_the_most_seeds():
     assert lowest_line(means) == ("Lowest mean FID-proxy under this protocol: **winner** (among the models "
                                   "measured on 3 seeds; those measured on fewer are not ranked against them).")
     assert lowest_line([("a", (0,), 5.0), ("b", (0,), 4.0)]) == "Lowest mean FID-proxy under this protocol: **b**."
+
+
+def test_a_difference_inside_the_noise_names_no_winner():
+    """The re-evaluation of 2026-12: 4.515 vs 4.517 on seeds 0-2 is a tie, not a winner; a gap far
+    beyond the per-seed spread still names one."""
+    from dpq_lightning.experiments.reevaluate import lowest_line
+
+    per_seed = {"a": {0: 4.468, 1: 4.612, 2: 4.465}, "b": {0: 4.462, 1: 4.916, 2: 4.174},
+                "c": {0: 9.0, 1: 9.1, 2: 9.2}}
+    means = [(m, (0, 1, 2), sum(v.values()) / 3) for m, v in per_seed.items()]
+    line = lowest_line(means, per_seed)
+    assert line.startswith("No winner under this protocol: the lowest mean is **a** (4.515)")
+    assert "**b** vs **a**: tie (+0.002" in line and "**c**" not in line
+    clear = {"a": per_seed["a"], "c": per_seed["c"]}
+    assert lowest_line([(m, (0, 1, 2), sum(v.values()) / 3) for m, v in clear.items()], clear) == (
+        "Lowest mean FID-proxy under this protocol: **a**.")

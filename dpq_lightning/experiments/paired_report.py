@@ -143,6 +143,84 @@ def ladder_lines(records: dict[str, dict[int, dict]]) -> list[str]:
     return lines
 
 
+def claims_lines(records, floor: float, root: Path) -> list[str]:
+    """The four claims by the paired instrument, then the table of what flipped."""
+    from .paired_claims import before, check
+
+    claims = check(records, cell, floor)
+    lines = ["## The four claims, calibrated VQ at every level", ""]
+    for c in claims:
+        lines += [f"**{c['title']}: {c['verdict']}.** Criterion: {c['criterion']}.", ""]
+        lines += [f"- {ln}" for ln in c["lines"]] or ["- not measured yet"]
+        lines.append("")
+    return lines, claims, before(root)
+
+
+def flipped_lines(picks: dict, claims: list[dict], old: dict) -> list[str]:
+    """Each earlier conclusion (FID-proxy against real digits, eval seed 0) next to this page's."""
+    lines = ["## Which earlier conclusions flipped", "",
+             "Earlier: the FID-proxy against the real digits from one eval-noise set (eval seed 0) with the rule "
+             "'lowest mean within 10% of every seed's best' (`docs/results-recipes.md`, `docs/results-mini.md`, "
+             "recomputed here from those records). Now: this page.", "",
+             "| conclusion | earlier | now | flipped |", "|---|---|---|---|"]
+    for b in sorted(LEVELS):
+        was = old["defaults"].get(b, "-") if b in old["defaults"] else "-"
+        was = was or "no recipe passes"
+        pick = picks.get(b)
+        now = pick.choice if pick is not None and pick.choice else "no verdict yet"
+        tie = f" (tie: {', '.join(pick.tied)})" if pick is not None and len(pick.tied) > 1 else ""
+        flip = "not yet decided" if now == "no verdict yet" else ("no" if now == was else "yes")
+        lines.append(f"| {b}-bit default | {was} | {now}{tie} | {flip} |")
+    for c in claims:
+        short = c["title"].split(" (")[0]
+        was = old["claims"].get(short, "-")
+        now = c["verdict"]
+        flip = ("not yet decided" if now == "not measured" else
+                "no" if was.split(" (")[0] == now else "yes")
+        lines.append(f"| {short} | {was} | {now} | {flip} |")
+    return lines + [""]
+
+
+def fig_levels(records, path: Path) -> Path | None:
+    """fid_to_teacher (mean, spread as error bar) of every measured candidate, one panel per level."""
+    from .report import _plt, _save
+
+    levels = [b for b in sorted(LEVELS) if any(f"dpq_{b}bit_{r}" in records for r in LEVELS[b])]
+    if not levels:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(levels), figsize=(4.2 * len(levels), 3.6), squeeze=False)
+    for ax, b in zip(axes[0], levels):
+        names = [r for r in LEVELS[b] if f"dpq_{b}bit_{r}" in records]
+        cs = [cell(records[f"dpq_{b}bit_{r}"], DECIDING) for r in names]
+        ax.errorbar([c.mean for c in cs], range(len(cs)), xerr=[c.spread for c in cs], fmt="o", capsize=3)
+        ax.set_yticks(range(len(cs)), [f"{r} ({c.n})" for r, c in zip(names, cs)], fontsize=7)
+        ax.set(xscale="log", xlabel="fid_to_teacher (mean ± spread; lower is closer)", title=f"{b} bit")
+        ax.invert_yaxis()
+    return _save(fig, path)
+
+
+def fig_ladder(records, path: Path) -> Path | None:
+    """The ladder: FID-proxy vs real and fid_to_teacher per rung, one line per eval-noise set."""
+    from .report import _plt, _save
+
+    names = [f"ladder_pq_{n}bit" for n in LADDER if f"ladder_pq_{n}bit" in records]
+    if not names:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.4))
+    sets = sorted({ns["seed"] for n in names for r in records[n].values() for ns in noise_sets(r)})
+    for ax, metric in zip(axes, ("fid_proxy", "fid_to_teacher")):
+        for es in sets:
+            ys = [next((ns["student"][metric] for r in records[n].values() for ns in noise_sets(r) if ns["seed"] == es),
+                       float("nan")) for n in names]
+            ax.plot(range(len(names)), ys, "o-", label=f"eval seed {es}")
+        ax.set_xticks(range(len(names)), [n.split("_")[2] for n in names])
+        ax.set(yscale="log", xlabel="PQ stage 1, nominal bits", ylabel=metric, title=metric)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def write_reports(results: Path, out: Path) -> Path:
     """Render ``out`` (the decisions) and ``instrument.md`` beside it (the ladder and the floor)."""
     from ..atomic import write_text_atomic
@@ -171,8 +249,12 @@ def write_reports(results: Path, out: Path) -> Path:
            "sets; a candidate whose paired difference from it lies within the noise (Student's t 95% half-width "
            f"of the key-by-key differences, and at least the near-lossless floor {floor:.2f}) is tied with it; a tie "
            "keeps the incumbent default. `official_own_size` is another size and never a candidate.", ""]
+    fig = fig_levels(records, out.with_suffix(".png"))
+    if fig is not None:
+        doc += [f"![fid_to_teacher per candidate and level]({fig.name})", ""]
+    picks = {}
     for b in sorted(LEVELS):
-        lines, _ = decide_level(b, records, floor)
+        lines, picks[b] = decide_level(b, records, floor)
         doc += [f"## {b} bit{'s' if b > 1 else ''} (incumbent: {INCUMBENT[b]})", "", *lines, ""]
     length = [n for base, pts in LENGTH.items() for _, n in pts if f"dpq_1bit_{n}" in records]
     if length:
@@ -180,11 +262,16 @@ def write_reports(results: Path, out: Path) -> Path:
         names = [f"dpq_1bit_{base}" for base in LENGTH if f"dpq_1bit_{base}" in records]
         names += [f"dpq_1bit_{n}" for n in length]
         doc += table(names, records, lambda n: n.split("bit_", 1)[1]) + [""]
+    root = results.resolve().parents[1] if results.resolve().parent.name == "docs" else Path.cwd()
+    lines, claims, old = claims_lines(records, floor, root)
+    doc += lines + flipped_lines(picks, claims, old)
     write_text_atomic("\n".join(doc) + "\n", out)
+    ladder_fig = fig_ladder(records, rel / "instrument.png")
     inst = ["# The instrument: FID-proxy against real digits vs the teacher-paired metrics", "",
             "Rendered by `python scripts/redecide.py --report` from the ladder's records (stage-1 PQ of the digits "
             "teacher at 8, 4, 3 and 2 nominal bits, seed 0, two eval-noise sets). A metric fit to rank compressed "
             "models must order the rungs 8 > 4 > 3 > 2 bits on every eval-noise set; its noise must be small "
-            "against the gaps between them.", "", *head, "", *ladder_lines(records), ""]
+            "against the gaps between them.", "", *head, "", *ladder_lines(records), "",
+            *([f"![the ladder]({ladder_fig.name})", ""] if ladder_fig is not None else [])]
     write_text_atomic("\n".join(inst) + "\n", rel / "instrument.md")
     return out

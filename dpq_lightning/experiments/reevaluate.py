@@ -15,7 +15,8 @@ from pathlib import Path
 
 from ..atomic import write_json_atomic
 
-PROXY_KEYS = ("fid_proxy", "kid_proxy", "kid_proxy_std", "is_proxy", "agreement")
+PROXY_KEYS = ("fid_proxy", "kid_proxy", "kid_proxy_std", "is_proxy", "agreement",
+              "fid_to_teacher", "mse_to_teacher", "match_teacher")
 
 
 def protocol_tag(overrides: list[str]) -> str:
@@ -40,7 +41,9 @@ def measure(run: Path, overrides: list[str], out_dir: Path, root: Path, log=prin
     if target.is_file():
         log(f"{run}: measured before ({target.name}), kept")
         return json.loads(target.read_text())
-    from ..evaluation.final import proxy_evaluate
+    from dataclasses import replace
+
+    from ..evaluation.final import paired_evaluate, proxy_evaluate
 
     cfg, student, teacher = run_dir_models(run, overrides)
     clf = load_digits_classifier(cfg.eval.classifier_path)
@@ -53,7 +56,9 @@ def measure(run: Path, overrides: list[str], out_dir: Path, root: Path, log=prin
                            "seconds": round(time.time() - t0, 1)}, teacher_file)
         log(f"teacher: FID-proxy {res['fid_proxy']:.2f}")
     t0 = time.time()
-    res = proxy_evaluate(student, cfg.eval, clf)
+    # with the teacher-paired metrics: the teacher's samples under this protocol are cached beside the records
+    ev = replace(cfg.eval, teacher_cache=cfg.eval.teacher_cache or str(out_dir / "teacher_samples"))
+    res = paired_evaluate(student, teacher, ev, clf)["student"] if ev.paired else proxy_evaluate(student, ev, clf)
     rel = run.resolve().relative_to(root) if run.resolve().is_relative_to(root) else run
     own = _original(run)
     record = {"run": str(rel), "name": cfg.name, "seed": cfg.seed, "overrides": overrides,
@@ -72,16 +77,33 @@ def _original(run: Path) -> dict:
     return json.loads(f.read_text()).get("eval", {}).get("student", {}) if f.is_file() else {}
 
 
-def lowest_line(means: list[tuple[str, tuple[int, ...], float]]) -> str:
+def lowest_line(means: list[tuple[str, tuple[int, ...], float]],
+                per_seed: dict[str, dict[int, float]] | None = None) -> str:
     """The report's verdict line from ``(model, seeds, mean FID-proxy)``: the lowest mean among the
     models measured on the most seeds only, since a one-seed number next to a three-seed mean says
-    nothing about which is lower."""
+    nothing about which is lower. With ``per_seed`` (model -> seed -> FID-proxy) every model whose
+    paired difference from the lowest lies within the noise (:func:`.noise.compare`, at least two
+    shared seeds) ties with it, and the line names the tie, not a winner."""
+    from .noise import Cell, compare
+
     most = max(len(seeds) for _, seeds, _ in means)
-    name = min((m for m in means if len(m[1]) == most), key=lambda m: m[2])[0]
-    if all(len(m[1]) == most for m in means):
-        return f"Lowest mean FID-proxy under this protocol: **{name}**."
-    return (f"Lowest mean FID-proxy under this protocol: **{name}** (among the models measured on {most} seeds; "
-            "those measured on fewer are not ranked against them).")
+    ranked = sorted((m for m in means if len(m[1]) == most), key=lambda m: m[2])
+    name, _, low = ranked[0]
+    scope = "" if all(len(m[1]) == most for m in means) else (
+        f" (among the models measured on {most} seeds; those measured on fewer are not ranked against them)")
+
+    def cell(model: str) -> Cell:
+        return Cell({(s, 0): v for s, v in per_seed[model].items()})
+
+    ties = []
+    for other, _, _ in ranked[1:] if per_seed else []:
+        c = compare(cell(other), cell(name))
+        if c.n >= 2 and c.verdict == "tie":
+            ties.append(c.text(f"**{other}**", f"**{name}**", 3))
+    if not ties:
+        return f"Lowest mean FID-proxy under this protocol: **{name}**{scope}."
+    return (f"No winner under this protocol{scope}: the lowest mean is **{name}** ({low:.3f}), and "
+            + "; ".join(ties) + " (differences paired by seed, Student's t 95%).")
 
 
 def _cell(values: list[float], fmt: str = ".2f") -> str:
@@ -100,7 +122,8 @@ def render(results: Path, root: Path) -> str:
              "(one JSON per run, made by `python scripts/reevaluate.py RUN ... eval.key=value`). Each row is a "
              "finished run's packed model (`model.dpq`: the stored codes) sampled again under the protocol of "
              "its section; 'own' is what the run measured at its end (its `summary.json`). Means over seeds, "
-             "each seed in brackets (seed order as listed).", ""]
+             "each seed in brackets (seed order as listed). `fid_to_teacher` (records made since the paired "
+             "metrics exist): the Frechet distance to the teacher's samples from the same noise.", ""]
     for proto in sorted(p for p in results.iterdir() if p.is_dir()):
         recs = [json.loads(f.read_text()) for f in sorted(proto.glob("*.json")) if f.name != "teacher.json"]
         if not recs:
@@ -111,25 +134,28 @@ def render(results: Path, root: Path) -> str:
                   f"The runs' own evaluation config with {overrides}. Teacher FID-proxy under it: "
                   f"{teacher['fid_proxy']:.2f} (agreement {teacher['agreement']:.3f}).", "",
                   "| model | seeds | FID-proxy own | FID-proxy here | x teacher here | KID-proxy own | KID-proxy here "
-                  "| agreement own | agreement here | minutes |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| agreement own | agreement here | fid_to_teacher here | minutes |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         by_name: dict[str, list[dict]] = {}
         for r in sorted(recs, key=lambda r: (r["name"], r["seed"])):
             by_name.setdefault(r["name"], []).append(r)
-        rows, means = [], []
+        rows, means, per_seed = [], [], {}
         for name, rs in by_name.items():
             own = [r.get("own") or _original(root / r["run"]) for r in rs]
             here = [r["metrics"] for r in rs]
             fid_here = [m["fid_proxy"] for m in here]
             mean = sum(fid_here) / len(fid_here)
             means.append((name, tuple(r["seed"] for r in rs), mean))
+            per_seed[name] = {r["seed"]: m["fid_proxy"] for r, m in zip(rs, here)}
             rows.append((mean, (
                 f"| {name} | {', '.join(str(r['seed']) for r in rs)} "
                 f"| {_cell([o['fid_proxy'] for o in own if 'fid_proxy' in o])} | {_cell(fid_here)} "
                 f"| {mean / teacher['fid_proxy']:.2f}x "
                 f"| {_cell([o['kid_proxy'] for o in own if 'kid_proxy' in o])} | {_cell([m['kid_proxy'] for m in here])} "
                 f"| {_cell([o['agreement'] for o in own if 'agreement' in o], '.3f')} "
-                f"| {_cell([m['agreement'] for m in here], '.3f')} | {sum(r['seconds'] for r in rs) / 60:.1f} |")))
+                f"| {_cell([m['agreement'] for m in here], '.3f')} "
+                f"| {_cell([m['fid_to_teacher'] for m in here if 'fid_to_teacher' in m])} "
+                f"| {sum(r['seconds'] for r in rs) / 60:.1f} |")))
         lines += [row for _, row in sorted(rows)]
-        lines += ["", lowest_line(means), ""]
+        lines += ["", lowest_line(means, per_seed), ""]
     return "\n".join(lines) + "\n"
