@@ -75,6 +75,21 @@ def floor_of(records: dict[str, dict[int, dict]]) -> dict[str, Cell | None]:
             "teacher_fid_proxy": Cell(teacher) if teacher else None}
 
 
+def floor_sentence(paired_results: Path, scope: str = "Every record on this page samples eval seed 0 only") -> str:
+    """One line for the earlier reports (FID-proxy against real digits, one eval-noise set): the
+    instrument's noise measured by the ladder, where its records exist."""
+    records = load_records(paired_results) if paired_results.is_dir() else {}
+    fl = floor_of(records) if records else None
+    if not fl or fl["teacher_vs_teacher"] is None:
+        return ("Instrument's noise: not measured yet (`python scripts/redecide.py --seed 0 --lists ladder`, "
+                f"docs/instrument.md). {scope}.")
+    t = fl["teacher_fid_proxy"]
+    return (f"Instrument's noise (docs/instrument.md): two independent 1000-sample sets of the teacher lie "
+            f"{fl['teacher_vs_teacher'].mean:.2f} apart in Frechet distance"
+            + (f"; the teacher's own FID-proxy is {t.mean:.2f} ± {t.spread:.2f} over eval-noise sets" if t else "")
+            + f". {scope}, so a difference smaller than that is not resolved here; the teacher-paired re-decision (docs/results-paired.md) supersedes these verdicts.")
+
+
 def fmt(c: Cell | None, digits: int = 2) -> str:
     return c.text(digits) if c is not None else "-"
 

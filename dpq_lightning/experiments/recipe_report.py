@@ -177,6 +177,9 @@ def write_report(results: Path, out: Path) -> Path:
     lines += [f"Every run: {protocol_name(first['summary']['eval']['protocol'])}.", ""]
     if teacher:
         lines += [f"Teacher FID-proxy: {teacher:.2f}.", ""]
+    from .paired_report import floor_sentence
+
+    lines += [floor_sentence(results.parent / "results-paired"), ""]
     for b in sorted({b for b, _ in runs}):
         mult, agree = TARGETS.get(b, (None, None))
         lines += [f"## {b} bit", "",

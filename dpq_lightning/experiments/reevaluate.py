@@ -124,6 +124,9 @@ def render(results: Path, root: Path) -> str:
              "its section; 'own' is what the run measured at its end (its `summary.json`). Means over seeds, "
              "each seed in brackets (seed order as listed). `fid_to_teacher` (records made since the paired "
              "metrics exist): the Frechet distance to the teacher's samples from the same noise.", ""]
+    from .paired_report import floor_sentence
+
+    lines += [floor_sentence(results.parent / "results-paired", "Each section samples one eval-noise set"), ""]
     for proto in sorted(p for p in results.iterdir() if p.is_dir()):
         recs = [json.loads(f.read_text()) for f in sorted(proto.glob("*.json")) if f.name != "teacher.json"]
         if not recs:

@@ -218,6 +218,9 @@ def write_report(results: Path, configs: Path, out: Path) -> Path:
                   f"bit level): {calib_text(results, metas)}. Seeds: " + ", ".join(map(str, rows_by_seed))
                   + (" (means over seeds; each seed's FID-proxy in brackets, and the largest over the smallest)."
                      if several else "."), ""]
+    from .paired_report import floor_sentence
+
+    lines += [floor_sentence(results.parent / "results-paired"), ""]
     reused = reused_text(results, metas)
     if reused:
         lines += [reused, ""]
