@@ -124,3 +124,28 @@ def ddpm_loss(
     else:
         vb = out.new_zeros(())
     return mse, vb
+
+
+def timestep_grid(n: int, num_steps: int = 1000) -> list[int]:
+    """``n`` timesteps at the centres of ``n`` equal buckets of ``[0, num_steps)``."""
+    if n <= 0:
+        raise ValueError(f"the number of timesteps must be positive, got {n}")
+    return [int((i + 0.5) * num_steps / n) for i in range(n)]
+
+
+def noised_inputs(batches, timesteps: list[int], label_dropout: float, null: int | None,
+                  generator: torch.Generator, schedule: "Schedule | None" = None):
+    """``(x_t, t, y)`` for every ``(x0, y)`` of ``batches`` at every step of ``timesteps``: labels
+    dropped to ``null`` with probability ``label_dropout`` (once per batch, as calibration does), fresh
+    noise per timestep, all drawn from ``generator`` in that order. What stage 1's data-aware
+    k-means and the sensitivity measurement feed the teacher to see its layers' inputs."""
+    schedule = schedule or Schedule.linear()
+    for x0, y in batches:
+        y = y.clone()
+        B = y.shape[0]
+        if null is not None and label_dropout > 0:
+            y[torch.rand(B, generator=generator) < label_dropout] = null
+        for t in timesteps:
+            tt = torch.full((B,), int(t), dtype=torch.long)  # (B,)
+            noise = torch.randn(x0.shape, generator=generator)  # (B, C, H, W)
+            yield schedule.q_sample(x0.float(), tt, noise).float(), tt, y

@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     from dpq_lightning.atomic import write_text_atomic
     from dpq_lightning.config import load_config
     from dpq_lightning.data.digits import load_digits_tensors
+    from dpq_lightning.diffusion import timestep_grid
     from dpq_lightning.experiments import sensitivity as sens
     from dpq_lightning.jobs.stage1 import predict_size
     from dpq_lightning.models import build_model
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     uniform = predict_size(replace(cfg, stage1_only=True))
     pointer_bits = sens.pointer_bits_of(uniform)
     names = [layer.param_name for layer in make_plan(teacher, q).layers]
-    timesteps = sens.timestep_grid(args.timesteps)
+    timesteps = timestep_grid(args.timesteps)
     B = cfg.data.global_batch_size
     print(f"{args.config}: {len(names)} quantized weights, candidates {', '.join(map(str, settings))}; "
           f"pool pointers {pointer_bits} bits; uniform file {uniform.total_bytes:.0f} bytes "

@@ -230,6 +230,11 @@ def fig_ladder(records, path: Path) -> Path | None:
             ys = [next((ns["student"][metric] for r in records[n].values() for ns in noise_sets(r) if ns["seed"] == es),
                        float("nan")) for n in names]
             ax.plot(range(len(names)), ys, "o-", label=f"eval seed {es}")
+        fl = floor_of(records)
+        ref = fl["teacher_fid_proxy"] if metric == "fid_proxy" else fl["teacher_vs_teacher"]
+        if ref is not None:  # the teacher's own FID-proxy / the teacher against itself, unpaired
+            ax.axhline(ref.mean, color="k", ls="--", lw=1,
+                       label="teacher" if metric == "fid_proxy" else "teacher vs itself, unpaired")
         ax.set_xticks(range(len(names)), [n.split("_")[2] for n in names])
         ax.set(yscale="log", xlabel="PQ stage 1, nominal bits", ylabel=metric, title=metric)
         ax.legend(fontsize=7)
@@ -245,7 +250,7 @@ def write_reports(results: Path, out: Path) -> Path:
         raise FileNotFoundError(f"no run records under {results}: run python scripts/redecide.py --seed 0 first")
     fl = floor_of(records)
     floor = fl["near_lossless"].mean if fl["near_lossless"] is not None else 0.0
-    head = [f"The instrument's floor (cells: mean ± spread over (seed, eval seed) keys (count)):",
+    head = ["The instrument's floor (cells: mean ± spread over (seed, eval seed) keys (count)):",
             f"- teacher against itself, independent eval noise (Frechet distance of its two 1000-sample sets): "
             f"{fmt(fl['teacher_vs_teacher'])}",
             f"- near-lossless model (PQ stage 1 at {max(LADDER)} nominal bits) against the teacher, paired noise "

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..quant.accounting import SizeReport
@@ -61,13 +60,6 @@ class LayerMeasure:
         return math.prod(self.shape)
 
 
-def timestep_grid(n: int, num_steps: int = 1000) -> list[int]:
-    """``n`` timesteps at the centres of ``n`` equal buckets of ``[0, num_steps)``."""
-    if n <= 0:
-        raise ValueError(f"--timesteps must be a positive count, got {n}")
-    return [int((i + 0.5) * num_steps / n) for i in range(n)]
-
-
 def record_inputs(teacher: nn.Module, names: list[str], x0_all: torch.Tensor, y_all: torch.Tensor, *,
                   batches: int, batch_size: int, timesteps: list[int], label_dropout: float,
                   seed: int) -> dict[str, LayerInputs]:
@@ -75,60 +67,23 @@ def record_inputs(teacher: nn.Module, names: list[str], x0_all: torch.Tensor, y_
     ``batches`` batches of real images ``x0_all [N, C, H, W]`` / labels ``y_all [N]``, each noised at
     every timestep of ``timesteps`` (fresh noise each). Labels are replaced by the null class with
     probability ``label_dropout``, as calibration does."""
-    from ..diffusion import Schedule
+    from ..diffusion import noised_inputs
+    from ..models.hooks import InputMomentRecorder
 
-    modules = dict(teacher.named_modules())
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, float] = {}
-    handles = []
-
-    def hook_for(name: str):
-        def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0].detach()
-            if isinstance(module, nn.Embedding):
-                hits = torch.bincount(x.reshape(-1), minlength=module.num_embeddings).double()  # (R,)
-                sums[name] = sums.get(name, 0) + hits
-                counts[name] = counts.get(name, 0.0) + x.numel()
-                return
-            if isinstance(module, nn.Conv2d):
-                # The columns of a conv weight viewed [out, in*kh*kw] are the unfolded patch (stats.py's order).
-                x = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding,
-                             stride=module.stride).transpose(1, 2)  # (B, L, in*kh*kw)
-            x = x.reshape(-1, x.shape[-1]).float()  # (rows, C)
-            sums[name] = sums.get(name, 0) + (x.T @ x).double()  # (C, C), fp32 product, fp64 total
-            counts[name] = counts.get(name, 0.0) + x.shape[0]
-
-        return hook
-
-    for name in names:
-        mod = modules[name.removesuffix(".weight")]
-        handles.append(mod.register_forward_pre_hook(hook_for(name)))
-    schedule = Schedule.linear()
-    null = teacher.null_class if label_dropout > 0 else None
     g = torch.Generator().manual_seed(seed)
+
+    def drawn():  # lazily: each batch's indices are drawn after the previous batch's noise, as before
+        for _ in range(batches):
+            idx = torch.randint(0, x0_all.shape[0], (batch_size,), generator=g)  # (B,)
+            yield x0_all[idx], y_all[idx]
+
+    null = teacher.null_class if label_dropout > 0 else None
     teacher.eval()
-    try:
-        with torch.no_grad():
-            for _ in range(batches):
-                idx = torch.randint(0, x0_all.shape[0], (batch_size,), generator=g)  # (B,)
-                x0, y = x0_all[idx], y_all[idx].clone()  # (B, C, H, W), (B,)
-                if null is not None:
-                    y[torch.rand(batch_size, generator=g) < label_dropout] = null
-                for t in timesteps:
-                    tt = torch.full((batch_size,), t, dtype=torch.long)  # (B,)
-                    noise = torch.randn(x0.shape, generator=g)  # (B, C, H, W)
-                    teacher(schedule.q_sample(x0, tt, noise).float(), tt, y)
-    finally:
-        for h in handles:
-            h.remove()
-    out = {}
-    for name in names:
-        if name not in sums:
-            raise RuntimeError(f"{name}: the teacher's forward never reached this layer; cannot measure it")
-        mod = modules[name.removesuffix(".weight")]
-        stat = (sums[name] / counts[name]).float()
-        out[name] = LayerInputs(row_freq=stat) if isinstance(mod, nn.Embedding) else LayerInputs(H=stat)
-    return out
+    with InputMomentRecorder(teacher, names) as rec, torch.no_grad():
+        for x_t, t, y in noised_inputs(drawn(), timesteps, label_dropout, null, g):
+            teacher(x_t, t, y)
+        stats = rec.moments()
+    return {n: LayerInputs(row_freq=v) if rec.is_embedding(n) else LayerInputs(H=v) for n, v in stats.items()}
 
 
 def pointer_bits_of(report: SizeReport) -> int | None:

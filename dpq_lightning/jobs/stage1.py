@@ -30,7 +30,47 @@ from ..quant.state import state_of
 STAGE1_FILE = "stage1.dpq"
 
 
-def quantize_with_progress(model: torch.nn.Module, quant: QuantConfig, device: str | None = None) -> SizeReport:
+def teacher_moments(cfg: RunConfig, teacher: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Input moments ``H = E[x x^T]`` of every Linear/conv weight stage 1 quantizes, from the
+    teacher on ``quant.data_aware_batches`` batches of the run's calibration data (real latents,
+    digits, or the teacher's own samples for the zero-data path), each noised at
+    ``quant.data_aware_timesteps`` timesteps with the calibration's label dropout."""
+    from ..data.factory import build_datamodule
+    from ..diffusion import noised_inputs, timestep_grid
+    from ..models.hooks import InputMomentRecorder
+    from ..quant.plan import make_plan
+
+    q = cfg.quant
+    modules = dict(teacher.named_modules())
+    names = [layer.param_name for layer in make_plan(teacher, q).layers
+             if not isinstance(modules[layer.module_name], torch.nn.Embedding)]
+    dm = build_datamodule(cfg.data, teacher, cfg.seed)
+    dm.prepare_data()
+    dm.setup("fit")
+
+    def batches():
+        for i, batch in enumerate(dm.train_dataloader()):
+            if i == q.data_aware_batches:
+                return
+            yield batch["x"].float(), batch["y"].long()
+
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 65_537)
+    null = teacher.null_class if cfg.calib.label_dropout > 0 else None
+    dev = next(teacher.parameters()).device
+    teacher.eval()
+    t0 = time.time()
+    with InputMomentRecorder(teacher, names) as rec, torch.no_grad():
+        for x_t, t, y in noised_inputs(batches(), timestep_grid(q.data_aware_timesteps), cfg.calib.label_dropout,
+                                       null, g):
+            teacher(x_t.to(dev), t.to(dev), y.to(dev))
+        moments = rec.moments()
+    print(f"stage 1: input moments of {len(names)} layers from {q.data_aware_batches} batches x "
+          f"{q.data_aware_timesteps} timesteps ({time.time() - t0:.1f} s)")
+    return moments
+
+
+def quantize_with_progress(model: torch.nn.Module, quant: QuantConfig, device: str | None = None,
+                           moments: dict[str, torch.Tensor] | None = None) -> SizeReport:
     """``quantize_`` with a progress bar over layers (k-means is the long part)."""
     bar = tqdm(total=None, desc="stage 1: k-means", unit="layer", dynamic_ncols=True)
 
@@ -40,7 +80,7 @@ def quantize_with_progress(model: torch.nn.Module, quant: QuantConfig, device: s
         bar.set_postfix_str(name, refresh=True)
 
     try:
-        report = quantize_(model, quant, device=device, progress=progress)
+        report = quantize_(model, quant, device=device, progress=progress, moments=moments)
         bar.n = bar.total or 0
         bar.refresh()
     finally:
@@ -64,7 +104,11 @@ def stage1_key(cfg: RunConfig) -> str:
     """What stage 1 depends on (quantization config, model, seed, the teacher file's size and
     time), hashed: a ``stage1.dpq`` is reused only under the same key."""
     m = cfg.model
-    src = {"quant": cfg.quant.to_dict(), "model": m.name, "arch": dict(m.arch), "seed": cfg.seed}
+    src = {"quant": cfg.quant.stage1_dict(), "model": m.name, "arch": dict(m.arch), "seed": cfg.seed}
+    if cfg.quant.data_aware:  # the input moments come from the calibration data
+        from dataclasses import asdict
+
+        src["data"] = asdict(cfg.data)
     for path in (m.checkpoint, m.pretrained):
         if path and Path(path).exists():
             st = Path(path).stat()
@@ -86,7 +130,8 @@ def stage1_once(cfg: RunConfig, teacher: torch.nn.Module, out: Path, wait_s: flo
     if not was_ready:
         if is_first_process():
             student = copy.deepcopy(teacher)  # before the teacher is frozen: same learnable set
-            report = quantize_with_progress(student, cfg.quant)
+            moments = teacher_moments(cfg, teacher) if cfg.quant.data_aware else None
+            report = quantize_with_progress(student, cfg.quant, moments=moments)
             save_packed(student, path)
             print(f"stage 1 written to {path}")
             write_text_atomic(key, key_file)

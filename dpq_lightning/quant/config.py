@@ -88,6 +88,12 @@ class QuantConfig:
     blocks_prefix: str = "blocks."  # parameters under this prefix form the "blocks-only" ratio
     pool: PoolConfig = field(default_factory=PoolConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
+    # Data-aware stage 1 (quant/metric.py): k-means and the pool's merge under each layer's output
+    # distortion (w-c)^T H (w-c), H = E[x x^T] of the layer's inputs on the teacher; Linear and conv only.
+    data_aware: bool = False
+    data_aware_damp: float = 0.01  # H_m + damp * mean(diag H_m) * I
+    data_aware_batches: int = 4  # calibration batches the teacher's input moments are gathered on
+    data_aware_timesteps: int = 8  # ... each noised at this many timesteps (bucket centres of 1000)
 
     def __post_init__(self) -> None:
         # Accept plain dicts for the nested parts (from YAML/JSON), reject unknown keys in them.
@@ -103,6 +109,10 @@ class QuantConfig:
         _positive("K", self.K)
         _positive("kmeans_iters", self.kmeans_iters)
         _positive("group_cols", self.group_cols)
+        _positive("data_aware_batches", self.data_aware_batches)
+        _positive("data_aware_timesteps", self.data_aware_timesteps)
+        if not self.data_aware_damp >= 0:
+            raise QuantConfigError(f"quant.data_aware_damp must be >= 0, got {self.data_aware_damp!r}")
         if self.granularity not in GRANULARITIES:
             raise QuantConfigError(f"quant.granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if self.kmeans_init not in ("kmeans++", "random"):
@@ -135,6 +145,16 @@ class QuantConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def stage1_dict(self) -> dict:
+        """What stage 1's result depends on: :meth:`to_dict` without the data-aware keys while
+        ``data_aware`` is off (they are not read then, so a stage 1 computed before they existed
+        keeps its key)."""
+        d = self.to_dict()
+        if not self.data_aware:
+            for k in ("data_aware", "data_aware_damp", "data_aware_batches", "data_aware_timesteps"):
+                d.pop(k)
+        return d
 
     @classmethod
     def from_dict(cls, data: dict) -> "QuantConfig":

@@ -27,6 +27,7 @@ from . import kmeans as _km
 from .kmeans import nearest
 from .layers import PQ_MODULES, PQWeight, conv_args_of, kind_of, wrap_module
 from .layout import container_bytes, metadata_for, pq_entry
+from .metric import group_metrics, unwhiten, whiten, whitener
 from .plan import Plan, make_plan
 from .pool import build_pool
 from .state import QuantState, set_state, state_of
@@ -186,6 +187,7 @@ def quantize_(
     device: torch.device | str | None = None,
     progress: Progress | None = None,
     ops: Stage1Ops | None = None,
+    moments: dict[str, torch.Tensor] | None = None,
 ) -> SizeReport:
     """Replace every selected weight of ``model`` by a PQ module, in place; return the size report.
 
@@ -194,6 +196,9 @@ def quantize_(
     All-or-nothing: the PQ modules are built first and swapped in only once every layer is done,
     so an error (or an interrupt) part-way leaves ``model`` exactly as it was. ``ops``: the
     k-means, pool and assignment calls (default :class:`Stage1Ops`; benchmarks time them there).
+    ``moments``: ``{param name: H [C, C]}``, the input second moments of each Linear/conv weight on
+    calibration data; with ``cfg.data_aware`` k-means, the pool's merge and the final assignment run
+    under the output distortion ``(w-c)^T H_m (w-c)`` (:mod:`.metric`); Embeddings stay plain.
     """
     ops = ops or Stage1Ops()
     plan = make_plan(model, cfg)
@@ -201,6 +206,12 @@ def quantize_(
     left = _left_float(plan)
     choose_pool_sizes(plan, cfg, lambda p: size_report(_structure_from_plan(model, p), meta, cfg, left))
     _check_finite(model, plan)
+    if cfg.data_aware:
+        missing = [ly.param_name for ly in plan.layers if not isinstance(model.get_submodule(ly.module_name), nn.Embedding)
+                   and ly.param_name not in (moments or {})]
+        if missing:
+            raise ValueError(f"quant.data_aware: no input moments for {missing[0]} (and {len(missing) - 1} more): "
+                             "gather them from the teacher first (jobs.stage1.teacher_moments)")
     t0 = time.perf_counter()
     replaced: list[tuple[str, nn.Module]] = []
     for i, layer in enumerate(plan.layers):
@@ -211,15 +222,26 @@ def quantize_(
         work = torch.device(device) if device is not None else W.device
         X = to_groups(W.to(work, torch.float32), layer.geo)  # (G, N, d)
         seed = cfg.seed + i  # a different but reproducible seed per layer
-        C, codes = ops.kmeans(X, layer.K, cfg, seed)  # (G, K, d), (G, N)
+        H = (moments or {}).get(layer.param_name) if cfg.data_aware and not isinstance(module, nn.Embedding) else None
+        if H is None:
+            Lg = Lp = None
+            space = lambda T, L: T  # noqa: E731 - plain weight space
+        else:  # k-means in each group's whitened space = under its output distortion
+            metric = group_metrics(H.to(work), layer.geo, cfg.data_aware_damp)  # (G, d, d)
+            Lg, Lp = whitener(metric), whitener(metric.mean(0))  # per group; the layer's mean for the pool
+            space = whiten
+        C, codes = ops.kmeans(space(X, Lg), layer.K, cfg, seed)  # (G, K, d), (G, N)
+        if Lg is not None:
+            C = unwhiten(C, Lg)
         pq = PQWeight(layer.geo, layer.K, layer.pool_size)
         if layer.pool_size is None:
             pq.set_codebooks(C.half().float())
-        else:
-            pool, pointers, codes = ops.build_pool(X, C, codes, layer.pool_size, cfg.pool.importance, cfg.pool.iters, seed)
-            pq.set_pool(pool.half().float(), pointers)
+        else:  # codewords of all groups merged under the layer's mean metric
+            pool, pointers, codes = ops.build_pool(space(X, Lp), space(C, Lp), codes, layer.pool_size,
+                                                   cfg.pool.importance, cfg.pool.iters, seed)
+            pq.set_pool((unwhiten(pool, Lp) if Lp is not None else pool).half().float(), pointers)
         # Codebooks/pool were rounded to fp16: assign against what will actually be stored.
-        codes, _ = ops.nearest(X, pq.effective_codebooks().detach().to(work))
+        codes, _ = ops.nearest(space(X, Lg), space(pq.effective_codebooks().detach().to(work), Lg))
         pq.codes.copy_(codes.to(pq.codes.dtype).cpu())
         pq.to(W.device)
         replaced.append((layer.module_name, wrap_module(module, pq).to(W.device)))
