@@ -110,3 +110,44 @@ def test_the_stage1_job_gathers_the_teachers_input_moments(tmp_path):
     assert stage1_key(plain) != stage1_key(aware)
     # off, the data-aware keys are not part of stage 1's key: a stage 1 from before they existed is reused
     assert "data_aware_damp" not in plain.quant.stage1_dict() and "data_aware_damp" in aware.quant.stage1_dict()
+
+
+def test_inverse_factor_is_gptqs():
+    from dpq_lightning.quant.feedback import inverse_factor
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(300, 6, generator=g)
+    H = x.T @ x / 300
+    U = inverse_factor(H, damp=0.0)
+    assert torch.allclose(U, U.triu()) and torch.allclose(U.T @ U, torch.linalg.inv(H.double()), atol=1e-8)
+
+
+def full_output_error(model, quantized, H: dict[str, torch.Tensor]) -> float:
+    """sum over layers of tr(dW H dW^T): the layers' output error on the data H was gathered on,
+    with the input correlations across column blocks (what error feedback uses) included."""
+    from dpq_lightning.quant import PQ_MODULES
+
+    params = dict(model.named_parameters())
+    total = 0.0
+    for name, mod in quantized.named_modules():
+        if isinstance(mod, PQ_MODULES) and f"{name}.weight" in H:
+            w = params[f"{name}.weight"].detach().double()
+            dW = (w - mod.weight_pq().detach().double()).reshape(w.shape[0], -1)  # (R, C)
+            total += float(torch.einsum("rc,cd,rd->", dW, H[f"{name}.weight"].double(), dW))
+    return total
+
+
+def test_error_feedback_lowers_the_full_output_error(small_dit, probe_inputs):
+    from dpq_lightning.config import ConfigError, load_config
+
+    H = moments_of(small_dit, probe_inputs)
+    errs = {}
+    for fb in (False, True):
+        cfg = QuantConfig(**BITS[1], overrides=SMALL_OVERRIDES, kmeans_backend="torch", kmeans_init="random",
+                          kmeans_iters=10, data_aware=True, error_feedback=fb, pool={"enabled": True, "size": 32})
+        m = copy.deepcopy(small_dit)
+        quantize_(m, cfg, moments=H)
+        errs[fb] = full_output_error(small_dit, m, H)
+    assert errs[True] < 0.95 * errs[False], errs
+    with pytest.raises(ConfigError, match="quant.error_feedback needs the input moments"):
+        load_config(ROOT / "tests" / "configs" / "small_run.yaml", ["quant.error_feedback=true"])

@@ -94,6 +94,7 @@ class QuantConfig:
     data_aware_damp: float = 0.01  # H_m + damp * mean(diag H_m) * I
     data_aware_batches: int = 4  # calibration batches the teacher's input moments are gathered on
     data_aware_timesteps: int = 8  # ... each noised at this many timesteps (bucket centres of 1000)
+    error_feedback: bool = False  # data-aware only: column groups in order, each one's error moved onto the later columns (quant/feedback.py)
 
     def __post_init__(self) -> None:
         # Accept plain dicts for the nested parts (from YAML/JSON), reject unknown keys in them.
@@ -111,6 +112,8 @@ class QuantConfig:
         _positive("group_cols", self.group_cols)
         _positive("data_aware_batches", self.data_aware_batches)
         _positive("data_aware_timesteps", self.data_aware_timesteps)
+        if self.error_feedback and not self.data_aware:
+            raise QuantConfigError("quant.error_feedback needs the input moments: set quant.data_aware: true too")
         if not self.data_aware_damp >= 0:
             raise QuantConfigError(f"quant.data_aware_damp must be >= 0, got {self.data_aware_damp!r}")
         if self.granularity not in GRANULARITIES:
@@ -152,7 +155,7 @@ class QuantConfig:
         keeps its key)."""
         d = self.to_dict()
         if not self.data_aware:
-            for k in ("data_aware", "data_aware_damp", "data_aware_batches", "data_aware_timesteps"):
+            for k in ("data_aware", "data_aware_damp", "data_aware_batches", "data_aware_timesteps", "error_feedback"):
                 d.pop(k)
         return d
 

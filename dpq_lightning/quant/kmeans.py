@@ -32,6 +32,14 @@ CPU_CHUNK_BYTES = 4 * 2**20
 # faiss searches with BLAS + a fused argmin only from this many queries on; its default (128000
 # in faiss 1.15) sends a group of a few thousand points to a scalar loop that is ~10x slower.
 _FAISS_BLAS_THRESHOLD = 20
+# A single group this small (N * K * d multiply-adds) is also searched on one OpenMP thread: error
+# feedback (quant/feedback.py) runs one k-means per column group, each a single group of a few
+# thousand points, where a second thread only adds barrier stalls (see _FaissSettings).
+_FAISS_SMALL_WORK = 2**24
+
+
+def _one_thread(G: int, N: int, K: int, d: int) -> bool:
+    return G > 1 or N * K * d <= _FAISS_SMALL_WORK
 
 _faiss_module = None
 
@@ -113,7 +121,7 @@ def _nearest_faiss(faiss, X: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tenso
     best = torch.empty(G, N, dtype=torch.float32)
     idx_n, best_n = idx.numpy(), best.numpy()
     ptr = faiss.swig_ptr
-    with _FaissSettings(faiss, single_thread=G > 1):
+    with _FaissSettings(faiss, single_thread=_one_thread(G, N, K, d)):
         for g in range(G):
             faiss.knn_L2sqr(ptr(Xn[g]), ptr(Cn[g]), d, N, K, 1, ptr(best_n[g]), ptr(idx_n[g]))
     np.maximum(best_n, 0, out=best_n)  # numpy: no thread-pool wake-up for a small op
@@ -265,7 +273,7 @@ def kmeans_faiss(
     C = torch.empty(G, K, d)
     Xn, Cn = Xc.numpy(), C.numpy()
     Wn = None if weights is None else weights.detach().float().cpu().contiguous().numpy()
-    with _FaissSettings(faiss, single_thread=G > 1):
+    with _FaissSettings(faiss, single_thread=_one_thread(G, N, K, d)):
         for g in range(G):
             km = faiss.Kmeans(
                 d, K, niter=iters, seed=seed + g, verbose=False, max_points_per_centroid=max(256, N)

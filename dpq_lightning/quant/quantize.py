@@ -27,6 +27,7 @@ from . import kmeans as _km
 from .kmeans import nearest
 from .layers import PQ_MODULES, PQWeight, conv_args_of, kind_of, wrap_module
 from .layout import container_bytes, metadata_for, pq_entry
+from .feedback import column_groups, quantize_with_feedback
 from .metric import group_metrics, unwhiten, whiten, whitener
 from .plan import Plan, make_plan
 from .pool import build_pool
@@ -230,9 +231,15 @@ def quantize_(
             metric = group_metrics(H.to(work), layer.geo, cfg.data_aware_damp)  # (G, d, d)
             Lg, Lp = whitener(metric), whitener(metric.mean(0))  # per group; the layer's mean for the pool
             space = whiten
-        C, codes = ops.kmeans(space(X, Lg), layer.K, cfg, seed)  # (G, K, d), (G, N)
-        if Lg is not None:
-            C = unwhiten(C, Lg)
+        if H is not None and cfg.error_feedback and column_groups(layer.geo) > 1:
+            # column groups in order, each one's error moved onto the later columns; X becomes the
+            # compensated targets the pool and the final assignment then serve
+            C, codes, X = quantize_with_feedback(W.to(work, torch.float32), layer.geo, H.to(work), layer.K,
+                                                 cfg.data_aware_damp, lambda Xw, K, s: ops.kmeans(Xw, K, cfg, s), seed)
+        else:
+            C, codes = ops.kmeans(space(X, Lg), layer.K, cfg, seed)  # (G, K, d), (G, N)
+            if Lg is not None:
+                C = unwhiten(C, Lg)
         pq = PQWeight(layer.geo, layer.K, layer.pool_size)
         if layer.pool_size is None:
             pq.set_codebooks(C.half().float())
