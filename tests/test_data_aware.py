@@ -68,7 +68,7 @@ def test_data_aware_lowers_the_output_distortion_it_targets(small_dit, probe_inp
     for aware, cfg in cfgs.items():
         m = copy.deepcopy(small_dit)
         quantize_(m, cfg, moments=H)
-        total, ratios = 0.0, []
+        total = 0.0
         for name, mod in m.named_modules():
             if isinstance(mod, PQ_MODULES) and f"{name}.weight" in H:
                 w = mod.weight_pq

@@ -74,7 +74,7 @@ def test_grid_runs_through_train_py_and_resumes(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # the configs name checkpoints/ relative to the repository
     lines: list[str] = []
     results, runs = tmp_path / "results", tmp_path / "runs"
-    dest = run_grid(5, ROOT / "configs" / "mini", runs, results, QUICK, bits=(1,), log=lines.append)
+    dest = run_grid(5, ROOT / "configs" / "mini", runs, results, QUICK + [f"eval.teacher_cache={tmp_path / 'cache'}"], bits=(1,), log=lines.append)
     names = [c.name for c in cells((1,))]
     assert names == ["vq_1bit_stage1", "pq_1bit_stage1", "dpq_1bit_stage1", "vq_1bit", "dpq_1bit"]
     assert len(lines) == 5 and all("FID-proxy" in ln for ln in lines)
@@ -102,7 +102,7 @@ def test_grid_runs_through_train_py_and_resumes(tmp_path, monkeypatch):
     assert len(traj) == 3 and len(traj[0]) == 4  # 3 sampling steps x 4 blocks
     # resumed: nothing runs again
     again: list[str] = []
-    run_grid(5, ROOT / "configs" / "mini", runs, results, QUICK, bits=(1,), log=again.append)
+    run_grid(5, ROOT / "configs" / "mini", runs, results, QUICK + [f"eval.teacher_cache={tmp_path / 'cache'}"], bits=(1,), log=again.append)
     assert len(again) == 5 and all("skipped" in ln for ln in again)
     md = write_report(results, ROOT / "configs", tmp_path / "report.md").read_text()
     assert md.count("**Claim ") == 4 and "(seeds 5)" in md

@@ -110,7 +110,7 @@ def test_recipes_run_through_train_py_share_stage1_and_render(tmp_path, monkeypa
     lines: list[str] = []
     results, runs = tmp_path / "results", tmp_path / "runs"
     picked = ("frozen", "limited_1pct", "teacher_data")
-    dest = run_recipes(3, ROOT / "configs" / "mini", runs, results, QUICK, bits=(1,), recipes=picked, log=lines.append)
+    dest = run_recipes(3, ROOT / "configs" / "mini", runs, results, QUICK + [f"eval.teacher_cache={tmp_path / 'cache'}"], bits=(1,), recipes=picked, log=lines.append)
     assert len(lines) == 3 and all("FID-proxy" in ln for ln in lines)
     recs = {r: json.loads((dest / f"dpq_1bit_{r}.json").read_text()) for r in picked}
     for r, rec in recs.items():
@@ -128,7 +128,7 @@ def test_recipes_run_through_train_py_share_stage1_and_render(tmp_path, monkeypa
     assert meta["cells"] == [f"dpq_1bit_{r}" for r in picked]
     assert meta["cell_seconds"] == pytest.approx(sum(rec["seconds"] for rec in recs.values()), abs=0.2)
     again: list[str] = []
-    run_recipes(3, ROOT / "configs" / "mini", runs, results, QUICK, bits=(1,), recipes=picked, log=again.append)
+    run_recipes(3, ROOT / "configs" / "mini", runs, results, QUICK + [f"eval.teacher_cache={tmp_path / 'cache'}"], bits=(1,), recipes=picked, log=again.append)
     assert len(again) == 3 and all("skipped" in ln for ln in again)
     md = write_report(results, tmp_path / "recipes.md").read_text()
     assert md.count("| frozen | codes frozen, pool trains |") == 1 and "| teacher_data |" in md
