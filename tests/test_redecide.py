@@ -55,3 +55,64 @@ def test_ladder_runs_resumes_and_renders(tmp_path, monkeypatch):
     assert (tmp_path / "instrument.png").is_file()
     floor_line = next(ln for ln in md.splitlines() if ln.startswith("- near-lossless model"))
     assert floor_line.endswith("(2)")  # mean ± spread over the two eval-noise sets
+
+
+def fake_record(fid_by_key: dict, bits: float = 1.2, ratio: float = 26.5, growth: float | None = None) -> dict:
+    """A run record with eval-noise sets {(seed, eval seed): fid_to_teacher} for one seed."""
+    (seed,) = {s for s, _ in fid_by_key}
+    sets = [{"seed": e, "student": {"fid_to_teacher": v, "fid_proxy": v + 3}} for (_, e), v in fid_by_key.items()]
+    ev = {"noise_sets": sets, "student": {}}
+    if growth is not None:  # a trajectory whose last fifth is `growth` times its first fifth
+        ev["trajectory"] = {"student": [[1.0]] * 5 + [[1.0]] * 15 + [[growth]] * 5}
+    return {"summary": {"size": {"effective_bits": bits, "ratio": ratio}, "eval": ev}}
+
+
+def records_of(values: dict[str, list[float]], **kw) -> dict:
+    """{name: {seed: record}} from 6 values per name: seeds 0-2 x eval seeds 0-1."""
+    out = {}
+    for name, vals in values.items():
+        extra = kw.get(name, {})
+        out[name] = {s: fake_record({(s, e): vals[2 * s + e] for e in (0, 1)}, **extra) for s in range(3)}
+    return out
+
+
+def test_claims_by_the_paired_instrument_call_ties_and_failures():
+    from dpq_lightning.experiments.paired_claims import check
+    from dpq_lightning.experiments.paired_report import cell
+
+    base = [2.0, 2.1, 1.9, 2.05, 2.0, 1.95]
+    recs = records_of({
+        "dpq_1bit": base, "vq_1bit": [v + 1.0 for v in base],          # DPQ below VQ beyond the noise
+        "dpq_2bit": base, "vq_2bit": [v + 0.01 for v in base],         # a tie at 2 bits
+        "pq_1bit": [v * 0.9 for v in base],                             # the pool costs 1.11x: little
+        "dpq_1bit_stage1": [v * 5 for v in base],                       # calibration helps
+    }, dpq_1bit={"growth": 1.5}, vq_1bit={"growth": 1.5})
+    for name in ("dpq_1bit", "vq_1bit"):
+        for s, r in recs[name].items():  # claim 4's growth differs by seed only a little
+            r["summary"]["eval"]["trajectory"]["student"][-1] = [1.5 + 0.01 * s]
+    claims = {c["title"].split(" (")[0]: c for c in check(recs, cell, floor=0.05)}
+    assert claims["Claim 1"]["verdict"] == "TIE"  # held at 1 bit, tie at 2 bits, gap grows (held)
+    assert any("1 bit: DPQ" in ln and "-> held" in ln for ln in claims["Claim 1"]["lines"])
+    assert any("2 bit: DPQ" in ln and "-> tie" in ln for ln in claims["Claim 1"]["lines"])
+    assert claims["Claim 2"]["verdict"] == "HELD" and "cost 1.11x" in claims["Claim 2"]["lines"][0]
+    assert claims["Claim 3"]["verdict"] == "HELD"
+    assert claims["Claim 4"]["verdict"] == "TIE"  # the same growth: no accumulation difference
+    recs["dpq_1bit_stage1"] = records_of({"x": [v * 0.5 for v in base]})["x"]  # stage 1 better than calibrated
+    assert {c["title"].split(" (")[0]: c for c in check(recs, cell, 0.05)}["Claim 3"]["verdict"] == "NOT HELD"
+
+
+def test_the_flip_table_compares_earlier_and_new_verdicts():
+    from dpq_lightning.experiments.noise import Pick
+    from dpq_lightning.experiments.paired_report import flipped_lines
+
+    picks = {1: Pick("floats", "floats", ("floats",), "x"), 2: Pick("floats", "alloc", ("alloc", "floats"), "y"),
+             3: Pick(None, None, (), "no verdict yet")}
+    claims = [{"title": "Claim 1 (PQ beats VQ)", "verdict": "TIE"}, {"title": "Claim 3 (calibration)", "verdict": "HELD"}]
+    old = {"defaults": {1: "lowrank_same_size", 2: None, 3: "frozen"},
+           "claims": {"Claim 1": "NOT HELD (seeds 0, 1, 2)", "Claim 3": "HELD (seeds 0, 1, 2)"}}
+    table = "\n".join(flipped_lines(picks, claims, old))
+    assert "| 1-bit default | lowrank_same_size | floats | yes |" in table
+    assert "| 2-bit default | no recipe passes | floats (tie: alloc, floats) | yes |" in table
+    assert "| 3-bit default | frozen | no verdict yet | not yet decided |" in table
+    assert "| Claim 1 | NOT HELD (seeds 0, 1, 2) | TIE | yes |" in table
+    assert "| Claim 3 | HELD (seeds 0, 1, 2) | HELD | no |" in table
