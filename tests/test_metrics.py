@@ -272,7 +272,8 @@ def test_evaluate_inception_path_with_vae(tmp_path, digits):
     model = build_dit("DiT-T/2", input_size=4, in_channels=4, num_classes=10)
     cfg = OfflineEvalConfig(packed="tiny", metric="inception", num_samples=6, steps=3, cfg_scale=1.5, method="ddpm",
                             seed=0, batch_size=6, vae_path=str(tmp_path / "vae"), ref=str(ref_dir),
-                            inception_weights=_fid_helper_weights(), npz=str(tmp_path / "s.npz"), quiet=True)
+                            inception_weights=_fid_helper_weights(), npz=str(tmp_path / "s.npz"), quiet=True,
+                            paired=False)
     res = evaluate_model(model, cfg)
     m, p = res["metrics"], res["protocol"]
     assert set(m) == {"fid", "kid_mean", "kid_std", "is_mean", "is_std", "precision", "recall", "sfid"}
@@ -281,6 +282,20 @@ def test_evaluate_inception_path_with_vae(tmp_path, digits):
     assert p["clip_denoised"] is False  # latents are not clipped (DiT)
     with np.load(tmp_path / "s.npz") as z:
         assert z["arr_0"].shape == (6, 8, 8, 3) and z["arr_0"].dtype == np.uint8
+    # paired with a reference model (here: the same weights from a file): both decoded by the same VAE,
+    # compared image by image and on Inception features
+    torch.save(model.state_dict(), tmp_path / "ref.pt")
+    (tmp_path / "ref.json").write_text(json.dumps({"arch": {"name": "DiT-T/2", "input_size": 4, "in_channels": 4,
+                                                            "num_classes": 10}}))
+    from dataclasses import replace
+
+    paired = evaluate_model(model, replace(cfg, paired=True, npz=None, reference_model=str(tmp_path / "ref.pt"),
+                                           reference_arch_json=str(tmp_path / "ref.json"),
+                                           reference_cache=str(tmp_path / "cache")))
+    pm = paired["metrics"]
+    assert pm["mse_to_teacher"] == 0.0 and abs(pm["fid_to_teacher"]) < 1e-3 and "match_teacher" not in pm  # no head
+    assert pm["fid"] == m["fid"] and paired["protocol"]["paired_with"] == str(tmp_path / "ref.pt")
+    assert len(list((tmp_path / "cache").glob("teacher-*.pt"))) == 1
 
 
 def _inception_with_head(path: Path) -> str:
