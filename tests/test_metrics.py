@@ -195,7 +195,7 @@ def test_evaluate_script_on_digits_teacher(tmp_path):
         "--config", str(ROOT / "configs" / "eval" / "digits.yaml"),
         f"teacher={ROOT / 'checkpoints' / 'digits_teacher.pt'}", f"arch_json={ROOT / 'checkpoints' / 'digits_teacher.json'}",
         "num_samples=40", "steps=10", "method=ddim", "cfg_scale=1.5", "seed=3",
-        "batch_size=16", f"out={out}", f"npz={npz}", "quiet=true", "device=cpu",
+        "batch_size=16", f"out={out}", f"npz={npz}", "quiet=true", "device=cpu", f"reference_cache={tmp_path / 'c'}",
     ])
     doc = json.loads(out.read_text())
     assert doc == json.loads(json.dumps(res))
@@ -204,7 +204,9 @@ def test_evaluate_script_on_digits_teacher(tmp_path):
     assert (p["labels"], p["noise"], p["clip_denoised"]) == ("cyclic", "per_sample", True)  # from the config object
     assert "1797" in p["reference"] and p["metric"] == "proxy" and p["model"].endswith("digits_teacher.pt")
     m = doc["metrics"]
-    assert set(m) == {"fid", "kid_mean", "kid_std", "is_mean", "is_std", "agreement"}
+    assert set(m) == {"fid", "kid_mean", "kid_std", "is_mean", "is_std", "agreement",
+                      "fid_to_teacher", "mse_to_teacher", "match_teacher"}
+    assert m["mse_to_teacher"] == 0.0 and m["match_teacher"] == 1.0  # paired with the shipped teacher: itself
     assert np.isfinite(m["fid"]) and m["fid"] < 200  # a trained teacher, 10 DDIM steps: far from noise
     assert m["agreement"] > 0.3  # chance is 0.1
     with np.load(npz) as z:
@@ -344,7 +346,7 @@ def test_readme_step6_evaluate_packed_latent_model(tmp_path, digits):
     evaluate = _load_script("evaluate")
     common = ["--config", str(ROOT / "configs" / "eval" / "imagenet256.yaml"), f"packed={packed}",
               f"vae_path={tmp_path / 'vae'}", f"inception_weights={weights}", "num_samples=10", "steps=3",
-              "batch_size=10", "quiet=true", "device=cpu"]  # imagenet256.yaml: inception, DDPM, guidance 1.5
+              "batch_size=10", "quiet=true", "device=cpu", "paired=false"]  # imagenet256.yaml: inception, DDPM, cfg 1.5
     res = evaluate.main([*common, f"ref={adm}", f"npz={tmp_path / 'samples.npz'}", f"out={tmp_path / 'eval.json'}"])
     doc = json.loads((tmp_path / "eval.json").read_text())
     assert doc == json.loads(json.dumps(res))
