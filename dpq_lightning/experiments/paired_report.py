@@ -257,6 +257,9 @@ def write_reports(results: Path, out: Path) -> Path:
             f"(fid_to_teacher): {fmt(fl['near_lossless'])}",
             f"- the teacher's own FID-proxy against the real digits, per eval seed: {fmt(fl['teacher_fid_proxy'])}"]
     rel = out.parent
+    metas = {int(f.parent.name[4:]): json.loads(f.read_text()) for f in sorted(results.glob("seed*/redecide.json"))}
+    cost = "; ".join(f"seed {s}: {m['cell_seconds'] / 60:.0f} min of runs on {m['machine']} ({m['date']})"
+                     for s, m in metas.items())
     doc = ["# Re-decision with the teacher-paired instrument", "",
            f"Rendered by `python scripts/redecide.py --report` from the records under `{results.name}/` "
            "(never typed by hand). Protocol: the miniature's (1000 samples, DDIM 25, cfg 1.5), two independent "
@@ -264,7 +267,9 @@ def write_reports(results: Path, out: Path) -> Path:
            "samples from the same noise (`fid_to_teacher`: Frechet distance of the digits classifier's features; "
            "`mse_to_teacher`: paired squared difference over the teacher samples' mean square; `match_teacher`: "
            "share classified as their paired teacher sample). What these numbers mean and the ladder that "
-           f"checks them: [instrument.md]({(rel / 'instrument.md').name}).", "", *head, "",
+           f"checks them: [instrument.md]({(rel / 'instrument.md').name}).", "",
+           f"Cost (each run's own wall time, the `minutes` column; a run that shared the cores with other work "
+           f"is slower): {cost or '-'}.", "", *head, "",
            f"Rule: the candidate with the lowest mean `{DECIDING}` over {SEEDS_FOR_A_DEFAULT} seeds x 2 eval-noise "
            "sets; a candidate whose paired difference from it lies within the noise (Student's t 95% half-width "
            f"of the key-by-key differences, and at least the near-lossless floor {floor:.2f}) is tied with it; a tie "
