@@ -352,3 +352,20 @@ def test_build_callbacks_respects_the_config():
     assert kinds == ["CompressionReportCallback", "SampleGridCallback"]
     with pytest.raises(ValueError, match="trajectory_follow"):
         EvalConfig(trajectory_follow="nobody")
+
+
+def test_lightning_tips_are_dropped(tmp_path, caplog):
+    import logging
+
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    from dpq_lightning.callbacks.loggers import quiet_lightning
+
+    quiet_lightning()
+    with caplog.at_level(logging.INFO):
+        L.Trainer(accelerator="cpu", logger=CSVLogger(str(tmp_path)), enable_progress_bar=False,
+                  default_root_dir=str(tmp_path))
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "GPU available" in text  # Lightning's own lines still reach the user
+    assert "litlogger" not in text

@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from ..calibration import DPQCalibration
 from ..callbacks import RequeueAtStepEnd, build_callbacks, make_logger, resume_path
+from ..callbacks.loggers import quiet_lightning
 from ..checkpoint_io import AtomicCheckpointIO
 from ..config import RunConfig, TrainerConfig, save_resolved, to_yaml
 from ..data.factory import build_datamodule
@@ -76,6 +77,7 @@ def run(cfg: RunConfig, callbacks: list | None = None) -> dict:
 
 
 def build_trainer(t: TrainerConfig, out: Path, callbacks: list, logger) -> L.Trainer:
+    quiet_lightning()
     strategy = t.strategy
     if strategy == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
