@@ -168,3 +168,4 @@ def test_noise_rule_calls_small_differences_ties():
     with pytest.raises(ValueError, match="share no"):
         compare(Cell({(0, 0): 1.0}), Cell({(1, 0): 1.0}))
     assert math.isclose(Cell({(0, 0): 1.0, (1, 0): 3.0}).spread, math.sqrt(2))
+

@@ -69,15 +69,16 @@ def teacher_set(teacher: nn.Module, cfg: EvalConfig) -> tuple[torch.Tensor, torc
 
 
 def paired_evaluate(model: nn.Module, teacher: nn.Module, cfg: EvalConfig, classifier: nn.Module,
-                    with_teacher: bool = False) -> dict:
+                    with_teacher: bool = False, teacher_xy: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
     """One eval-noise set (``cfg.seed``): ``{"seed", "student": proxy + paired metrics[, "teacher": proxy]}``.
-    The teacher's samples (same ``x_T``, labels and sampler noise) come from the cache."""
+    The teacher's samples (same ``x_T``, labels and sampler noise): ``teacher_xy`` when the caller
+    has them, else :func:`teacher_set` (the cache)."""
     from ..metrics.paired import paired_metrics
 
     x, labels = _samples(model, cfg)
     out = {"seed": cfg.seed, "student": proxy_metrics_of(x, labels, classifier)}
     if cfg.paired or with_teacher:
-        xt, lt = teacher_set(teacher, cfg)
+        xt, lt = teacher_xy if teacher_xy is not None else teacher_set(teacher, cfg)
         if not torch.equal(lt, labels):
             raise RuntimeError("the teacher's cached samples were drawn for other labels: the cache entry does not "
                                f"match this protocol; delete {cfg.teacher_cache} and rerun")
@@ -147,8 +148,13 @@ def final_evaluation(student: nn.Module, teacher: nn.Module, cfg: EvalConfig) ->
     out: dict = {"protocol": {**asdict(cfg), "trajectory_samples": TRAJECTORY_SAMPLES}}
     if cfg.num_samples > 0:
         clf = load_digits_classifier(cfg.classifier_path)
-        sets = [paired_evaluate(student, teacher, c, clf, with_teacher=cfg.final_teacher)
-                for c in noise_set_configs(cfg)]
+        configs = noise_set_configs(cfg)
+        # the teacher's sets, drawn (or read from the cache) once: the paired metrics, its own
+        # metrics and the floor all use them
+        need = cfg.paired or cfg.final_teacher or len(configs) > 1
+        teacher_sets = [teacher_set(teacher, c) if need else None for c in configs]
+        sets = [paired_evaluate(student, teacher, c, clf, with_teacher=cfg.final_teacher, teacher_xy=t)
+                for c, t in zip(configs, teacher_sets)]
         out["student"] = mean_over_sets(sets, "student")
         if cfg.final_teacher:
             out["teacher"] = mean_over_sets(sets, "teacher")
@@ -156,8 +162,7 @@ def final_evaluation(student: nn.Module, teacher: nn.Module, cfg: EvalConfig) ->
             out["noise_sets"] = sets
             from ..metrics.paired import self_distance
 
-            a, b = (teacher_set(teacher, c)[0] for c in noise_set_configs(cfg)[:2])
-            out["floor"] = {"teacher_vs_teacher_fid": self_distance(a, b, clf)}
+            out["floor"] = {"teacher_vs_teacher_fid": self_distance(teacher_sets[0][0], teacher_sets[1][0], clf)}
     if cfg.trajectory_steps > 0:
         out["trajectory"] = trajectory_errors(teacher, student, cfg)
     out["seconds"] = round(time.time() - t0, 1)

@@ -253,9 +253,13 @@ def evaluate_model(model: nn.Module, cfg: OfflineEvalConfig, rank: int = 0, worl
         reference = ref
         if Path(ref).is_dir():
             reference = load_image_dir(ref)
-        metrics = image_metrics(images, reference, weights_path=cfg.inception_weights)
+        from ..metrics import extract_all, inception_extractor
+
+        ext = inception_extractor(cfg.inception_weights)
+        feats = extract_all(ext, images)  # once: the metrics against the reference and the paired ones
+        metrics = image_metrics(images, reference, feature=ext, fake=feats)
         if cfg.paired:
-            metrics.update(paired_inception(images, merged["reference"], cfg.inception_weights))
+            metrics.update(paired_inception(images, feats, merged["reference"], ext))
         protocol.update(reference=str(ref), feature="FID Inception (torch-fidelity; sFID: Mixed_6d.branch1x1[:7])",
                         inception_weights=cfg.inception_weights or "torch-fidelity default download",
                         vae=str(vae_path))
@@ -285,14 +289,14 @@ def reference_share(cfg: OfflineEvalConfig, proto: SamplingProtocol, labels: Ten
     return x_ref
 
 
-def paired_inception(images: Tensor, ref_images: Tensor, weights_path: str | None) -> dict[str, float]:
-    """The paired metrics of decoded uint8 images against the reference model's, on the FID
+def paired_inception(images: Tensor, feats: dict, ref_images: Tensor, extractor) -> dict[str, float]:
+    """The paired metrics of decoded uint8 images (their Inception outputs ``feats``, from
+    :func:`~dpq_lightning.metrics.extract_all`) against the reference model's, on the FID
     Inception's pool features (Frechet distance), its logits (match) and the pixels (relative MSE)."""
-    from ..metrics import extract_all, inception_extractor
+    from ..metrics import extract_all
     from ..metrics.paired import paired_from_features, uint8_pairs_mse
 
-    ext = inception_extractor(weights_path)
-    a, b = extract_all(ext, images), extract_all(ext, ref_images)
+    a, b = feats, extract_all(extractor, ref_images)
     out = paired_from_features(a["pool"], b["pool"], a["logits"], b["logits"])
     out["mse_to_teacher"] = uint8_pairs_mse(images, ref_images)
     return out

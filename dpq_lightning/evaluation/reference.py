@@ -58,7 +58,11 @@ def teacher_samples(teacher: nn.Module, protocol, chunk: int, cache_dir: str | P
         key = cache_key(weights_sha256(teacher), protocol, chunk, rank, world, postprocess_key)
         path = Path(cache_dir) / f"teacher-{key}.pt"
         if path.is_file():
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as err:  # a damaged or foreign file: written atomically, so not by us half-way
+                raise RuntimeError(f"cached teacher samples {path} cannot be read ({type(err).__name__}: {err}); "
+                                   "delete that file and rerun: it is sampled again") from err
             if obj.get("protocol") == protocol.to_dict():
                 return obj["samples"], obj["labels"]
             # a key collision with another protocol cannot happen with sha256 unless the file was edited: resample

@@ -55,10 +55,10 @@ def check(records: dict[str, dict[int, dict]], cell, floor: float, levels=(3, 2,
         if not (d and v):
             continue
         size = _bits(d) / _bits(v) - 1
-        c = compare(cell(d, "fid_to_teacher"), cell(v, "fid_to_teacher"), floor)
+        cd, cv = cell(d, "fid_to_teacher"), cell(v, "fid_to_teacher")
+        c = compare(cd, cv, floor)
         ok = "tie" if c.verdict == "tie" else ("held" if c.verdict == "lower" and abs(size) <= EQUAL_SIZE else "not held")
         v1.append(ok)
-        cd, cv = cell(d, "fid_to_teacher"), cell(v, "fid_to_teacher")
         keys = sorted(set(cd.values) & set(cv.values))
         ratio[b] = Cell({k: cv.values[k] / cd.values[k] for k in keys})
         l1.append(f"{b} bit: DPQ {cd.text()} at {_bits(d):.3f} bits vs VQ {cv.text()} at {_bits(v):.3f} "

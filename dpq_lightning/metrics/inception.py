@@ -215,7 +215,8 @@ def save_reference_npz(stats: Mapping[str, np.ndarray], path: str | os.PathLike)
 
 def image_metrics(samples_uint8, reference, feature: str | nn.Module = "inception",
                   weights_path: str | os.PathLike | None = None, kid_subset_size: int = 1000,
-                  batch_size: int = 100, seed: int = 0, pr_k: int = 3) -> dict[str, float | None]:
+                  batch_size: int = 100, seed: int = 0, pr_k: int = 3,
+                  fake: dict[str, Tensor | None] | None = None) -> dict[str, float | None]:
     """FID, KID, IS, precision, recall and sFID of uint8 ``samples`` against ``reference``.
 
     ``reference``: uint8 images, an ``.npz`` path (ADM reference batch or our stats file) or a
@@ -224,11 +225,13 @@ def image_metrics(samples_uint8, reference, feature: str | nn.Module = "inceptio
     ``extract`` method like :class:`InceptionFeatureExtractor`). Metrics a reference given only as
     statistics cannot support (KID, precision/recall without ``pool``) are None. KID uses subsets
     of ``min(kid_subset_size, N, M)``; IS 10 splits; precision/recall k = ``pr_k`` neighbours.
+    ``fake``: the samples' features already extracted by ``feature`` (:func:`extract_all`), so a
+    caller that needs them too (the paired metrics) extracts them once.
     """
     extractor = inception_extractor(weights_path) if isinstance(feature, str) else feature
     if isinstance(feature, str) and feature != "inception":
         raise ValueError(f"unknown feature {feature!r}; use 'inception' or an nn.Module")
-    fake = extract_all(extractor, samples_uint8, batch_size)
+    fake = fake if fake is not None else extract_all(extractor, samples_uint8, batch_size)
     ref = load_reference(reference, extractor, batch_size)
     out: dict[str, float | None] = dict.fromkeys(
         ["fid", "kid_mean", "kid_std", "is_mean", "is_std", "precision", "recall", "sfid"])

@@ -40,16 +40,19 @@ def column_groups(geo: Geometry) -> int:
 
 
 def quantize_with_feedback(W: torch.Tensor, geo: Geometry, H: torch.Tensor, K: int, damp: float,
-                           kmeans: KMeans, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                           kmeans: KMeans, seed: int, metric: torch.Tensor | None = None,
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(codebooks [G, K, d], codes [G, N], targets X' [G, N, d])`` of a weight viewed ``W [R, C]``
     with input moments ``H [C, C]``, column groups quantized in order with error feedback.
-    ``kmeans(X, K, seed)`` clusters whitened sub-vectors (the configured backend)."""
+    ``kmeans(X, K, seed)`` clusters whitened sub-vectors (the configured backend); ``metric``: the
+    groups' :func:`.metric.group_metrics` when the caller has them."""
     R, C, d, gc = geo.rows, geo.cols, geo.d, geo.group_cols
     nc = column_groups(geo)
     width = gc * d  # columns per column group
     Wp = W.reshape(R, C).double().clone()  # (R, C), updated as the feedback goes
     U = inverse_factor(H, damp)  # (C, C)
-    metric = group_metrics(H, geo, damp)  # (G, d, d); group index = row block * nc + column group
+    if metric is None:
+        metric = group_metrics(H, geo, damp)  # (G, d, d); group index = row block * nc + column group
     L_all = whitener(metric)  # (G, d, d): every group's factor in one batched call
     G = metric.shape[0]
     rb = G // nc

@@ -235,7 +235,8 @@ def quantize_(
             # column groups in order, each one's error moved onto the later columns; X becomes the
             # compensated targets the pool and the final assignment then serve
             C, codes, X = quantize_with_feedback(W.to(work, torch.float32), layer.geo, H.to(work), layer.K,
-                                                 cfg.data_aware_damp, lambda Xw, K, s: ops.kmeans(Xw, K, cfg, s), seed)
+                                                 cfg.data_aware_damp, lambda Xw, K, s: ops.kmeans(Xw, K, cfg, s), seed,
+                                                 metric=metric)
         else:
             C, codes = ops.kmeans(space(X, Lg), layer.K, cfg, seed)  # (G, K, d), (G, N)
             if Lg is not None:
