@@ -4,6 +4,7 @@ resumable, and its report (docs/results-paired.md, docs/instrument.md).
     python scripts/redecide.py --seed 0 --lists ladder          # the instrument's ladder and floor (4 stage-1 runs)
     python scripts/redecide.py --seed 0 --lists recipes --bits 1 # the 1-bit candidates (7-25 min a run)
     python scripts/redecide.py --seed 0                         # every list at every level
+    python scripts/redecide.py --seed 1 --lists recipes --bits 1 --only lowrank_same_size alloc   # those, in that order
     python scripts/redecide.py --report                         # re-render the pages from docs/results-paired/
     python scripts/redecide.py --seed 0 --quick --results /tmp/r --runs /tmp/r/runs   # tiny counts (smoke)
 
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     p = list_parser(__doc__, ROOT, "results-paired", "paired-mini", reuse="results-paired")
     p.add_argument("--bits", type=int, nargs="+", default=list(BITS), choices=list(BITS))
     p.add_argument("--lists", nargs="+", default=list(LISTS), choices=list(LISTS), help="which lists, in this order")
+    p.add_argument("--only", nargs="+", default=[], metavar="NAME",
+                   help="run only these entries (dpq_1bit_alloc) or recipes (alloc), in the order given")
     args = p.parse_args(argv)
     if args.seed is None and not args.report:
         p.error("give --seed S or --report")
@@ -37,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
 
     return run_then_report(
         args, lambda overrides: run_list(args.seed, args.configs / "mini", args.runs, args.results, overrides,
-                                         tuple(args.lists), tuple(args.bits)),
+                                         tuple(args.lists), tuple(args.bits),
+                                         only=tuple(args.only)),
         lambda out: write_reports(args.results, out))
 
 

@@ -25,6 +25,18 @@ def test_the_lists_name_existing_configs_and_reject_unknown_ones():
         entries(ROOT / "configs", ("ladder",))  # no configs/ladder/ there
 
 
+def test_only_keeps_the_named_entries_in_the_order_given():
+    from dpq_lightning.experiments.redecide import entries
+
+    mini = ROOT / "configs" / "mini"
+    picked = entries(mini, ("recipes",), (1,), only=("alloc", "dpq_1bit_frozen", "lowrank_same_size"), order="only")
+    assert [e.name for e in picked] == ["dpq_1bit_alloc", "dpq_1bit_frozen", "dpq_1bit_lowrank_same_size"]
+    listed = entries(mini, ("recipes",), (1,), only=("alloc", "lowrank_same_size"))
+    assert [e.name for e in listed] == ["dpq_1bit_lowrank_same_size", "dpq_1bit_alloc"]  # the list's order
+    with pytest.raises(ValueError, match="--only 'output_aware' names no entry of lists recipes at bits 1"):
+        entries(mini, ("recipes",), (1,), only=("output_aware",))
+
+
 def test_ladder_runs_resumes_and_renders(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # the configs name checkpoints/ relative to the repository
     from dpq_lightning.experiments.paired_report import write_reports

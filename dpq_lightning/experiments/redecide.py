@@ -45,8 +45,11 @@ LISTS = ("ladder", "recipes", "schemes", "length")
 SCHEMES = ("dpq", "vq", "pq", "dpq_stage1", "vq_stage1")
 
 
-def entries(configs: Path, lists: tuple[str, ...] = LISTS, bits: tuple[int, ...] = BITS) -> list[Entry]:
-    """The entries of ``lists`` at ``bits`` (``configs``: the miniature's folder, ``configs/mini``)."""
+def entries(configs: Path, lists: tuple[str, ...] = LISTS, bits: tuple[int, ...] = BITS,
+            only: tuple[str, ...] = (), order: str = "list") -> list[Entry]:
+    """The entries of ``lists`` at ``bits`` (``configs``: the miniature's folder, ``configs/mini``).
+    ``only``: keep the entries named (``dpq_1bit_alloc``) or of the recipe named (``alloc``), in
+    the order given when ``order`` is ``"only"`` (to run the contenders of a level first)."""
     unknown = [x for x in lists if x not in LISTS]
     if unknown:
         raise ValueError(f"unknown list {unknown[0]!r}; known: {', '.join(LISTS)}")
@@ -66,6 +69,16 @@ def entries(configs: Path, lists: tuple[str, ...] = LISTS, bits: tuple[int, ...]
             out += [Entry(f"dpq_1bit_{name}", configs / "recipes" / f"dpq_1bit_{name}.yaml",
                           {"list": "length", "bits": 1, "scheme": "DPQ", "recipe": base, "steps": n})
                     for base, points in LENGTH.items() for n, name in points]
+    if only:
+        keys = {e.name: (e.name, e.meta.get("recipe")) for e in out}
+        known = {k for pair in keys.values() for k in pair if k}
+        unknown = [x for x in only if x not in known]
+        if unknown:
+            raise ValueError(f"--only {unknown[0]!r} names no entry of lists {', '.join(lists)} at bits "
+                             f"{', '.join(map(str, bits))}; known: {', '.join(sorted(known))}")
+        out = [e for e in out if set(keys[e.name]) & set(only)]
+        if order == "only":
+            out.sort(key=lambda e: min(only.index(k) for k in keys[e.name] if k in only))
     missing = [e.config for e in out if not e.config.is_file()]
     if missing:
         raise FileNotFoundError(f"no config {missing[0]} (of {len(missing)} missing): write it before running the list")
@@ -79,9 +92,11 @@ def cell_name(scheme: str, bits: int) -> str:
 
 
 def run_list(seed: int, configs: Path, runs: Path, results: Path, overrides: list[str] | None = None,
-             lists: tuple[str, ...] = LISTS, bits: tuple[int, ...] = BITS, log: Callable[[str], None] = print) -> Path:
-    """Run ``lists`` at ``bits`` for ``seed``; ``results/seed<S>/redecide.json`` holds the cost."""
-    todo = entries(configs, lists, bits)
+             lists: tuple[str, ...] = LISTS, bits: tuple[int, ...] = BITS, log: Callable[[str], None] = print,
+             only: tuple[str, ...] = ()) -> Path:
+    """Run ``lists`` at ``bits`` for ``seed`` (``only``: those entries, in that order);
+    ``results/seed<S>/redecide.json`` holds the cost."""
+    todo = entries(configs, lists, bits, only, order="only")
     # every entry measures the teacher: its samples come from the cache, so it costs only the features
     records = run_entries(todo, seed, runs, results, overrides, log, measure_teacher_once=False)
     dest = results / f"seed{seed}"
