@@ -78,6 +78,34 @@ def test_dpq_quantize_is_train_pys_stage1_job(tmp_path, capsys, monkeypatch):
     assert (out / "stage1.dpq").stat().st_mtime_ns == mtime and (out / "stage1.dpq").read_bytes() == first
 
 
+def test_stage1_key_follows_the_teachers_bytes_not_its_time(tmp_path):
+    """A fresh checkout of the same teacher (new mtime) keeps the key, so a half-finished run
+    resumes there; one changed byte, at either end of a large file, changes it."""
+    import os
+    import shutil
+
+    from dpq_lightning.config import load_config
+    from dpq_lightning.jobs.stage1 import file_identity, stage1_key
+
+    teacher = tmp_path / "t.pt"
+    shutil.copy(ROOT / "checkpoints" / "digits_teacher.pt", teacher)
+    cfg = load_config(str(ROOT / "configs" / "quickstart.yaml"), [f"model.checkpoint={teacher}"])
+    key = stage1_key(cfg)
+    os.utime(teacher, (1, 1))
+    assert stage1_key(cfg) == key
+    data = bytearray(teacher.read_bytes())
+    data[-1] ^= 1
+    teacher.write_bytes(bytes(data))
+    assert stage1_key(cfg) != key
+    big = tmp_path / "big.bin"
+    blob = bytearray(os.urandom(3 << 20))
+    big.write_bytes(bytes(blob))
+    first = file_identity(big, edge=1 << 20)
+    blob[(3 << 20) - 5] ^= 1  # inside the last MiB
+    big.write_bytes(bytes(blob))
+    assert file_identity(big, edge=1 << 20) != first and first[0] == 3 << 20
+
+
 def test_train_reports_bad_config_key(tmp_path):
     proc = subprocess.run(
         [sys.executable, "train.py", "--config", "configs/quickstart.yaml", "quant.bogus=1"],

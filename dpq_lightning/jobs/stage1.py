@@ -100,9 +100,24 @@ def predict_size(cfg: RunConfig) -> SizeReport:
     return predict_report(model, cfg.quant, 0 if cfg.stage1_only else cfg.calib.lowrank_rank)
 
 
+def file_identity(path: Path, edge: int = 4 << 20) -> list:
+    """A file's size and the sha256 of its first and last ``edge`` bytes (all of a small file):
+    its content, not its time, so a fresh checkout of the same teacher keeps the key (a
+    half-finished run in a new worktree resumes instead of starting over), at the cost of reading
+    8 MiB of a multi-GB checkpoint."""
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        h.update(f.read(edge))
+        if size > edge:
+            f.seek(max(edge, size - edge))
+            h.update(f.read())
+    return [size, h.hexdigest()[:16]]
+
+
 def stage1_key(cfg: RunConfig) -> str:
-    """What stage 1 depends on (quantization config, model, seed, the teacher file's size and
-    time), hashed: a ``stage1.dpq`` is reused only under the same key."""
+    """What stage 1 depends on (quantization config, model, seed, the teacher file's identity),
+    hashed: a ``stage1.dpq`` is reused only under the same key."""
     m = cfg.model
     src = {"quant": cfg.quant.stage1_dict(), "model": m.name, "arch": dict(m.arch), "seed": cfg.seed}
     if cfg.quant.data_aware:  # the input moments come from the calibration data
@@ -111,8 +126,7 @@ def stage1_key(cfg: RunConfig) -> str:
         src["data"] = asdict(cfg.data)
     for path in (m.checkpoint, m.pretrained):
         if path and Path(path).exists():
-            st = Path(path).stat()
-            src[str(path)] = [st.st_size, int(st.st_mtime)]
+            src[str(path)] = file_identity(Path(path))
         elif path:
             src[str(path)] = "hub"
     return hashlib.sha256(json.dumps(src, sort_keys=True).encode()).hexdigest()[:16]
