@@ -11,7 +11,7 @@ from dpq_lightning.quant import bitpack
 from dpq_lightning.quant.accounting import pq_param_size
 from dpq_lightning.quant.geometry import GeometryError, column_block_of, from_groups, make_geometry, to_groups
 from dpq_lightning.quant.kmeans import kmeans, kmeans_faiss, nearest
-from dpq_lightning.quant.pool import build_pool, codeword_importance
+from dpq_lightning.quant.pool import build_pool, codeword_importance, repoint_dead, slot_usage
 
 
 @pytest.mark.parametrize("gran,rows", [("column", 0), ("layer", 0), ("rows", 4)])
@@ -137,6 +137,35 @@ def test_pool_shrinks_codebooks_at_bounded_cost():
     assert float(err_cb) < float(err_pool) < 1.6 * float(err_cb)
     # re-assignment is to the nearest pooled codeword
     assert torch.equal(new_codes, nearest(X, pooled)[0])
+
+
+def _pooled_error(X, pool, ptr, codes):
+    C = pool[ptr.long()]  # (G, K, d)
+    return float((X - torch.gather(C, 1, codes.long().unsqueeze(-1).expand(-1, -1, X.shape[-1]))).pow(2).sum())
+
+
+def test_repoint_dead_fills_unused_slots_and_only_lowers_the_error():
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(12, 200, 4, generator=g)  # 12 groups
+    C, codes = kmeans(X, 16, iters=10, seed=0)
+    pool, ptr, codes = build_pool(X, C, codes, pool_size=24, seed=0)  # 192 codewords -> 24: duplicates
+    dead_before = int((slot_usage(codes, 16) == 0).sum())
+    assert dead_before > 10  # the pooled codebooks waste slots
+    new_ptr, new_codes, moved = repoint_dead(X, pool, ptr, codes, max_chunk_bytes=200 * 24 * 4 * 5)  # 5 groups a chunk
+    dead_after = int((slot_usage(new_codes, 16) == 0).sum())
+    assert moved >= dead_before - dead_after > 0 and dead_after < dead_before // 2
+    before, after = _pooled_error(X, pool, ptr, codes), _pooled_error(X, pool, new_ptr, new_codes)
+    assert after < 0.97 * before, (before, after)
+    assert int(new_ptr.min()) >= 0 and int(new_ptr.max()) < 24
+    # every sub-vector still sits on its nearest slot (among the new pointers)
+    dist = (X.unsqueeze(2) - pool[new_ptr].unsqueeze(1)).pow(2).sum(-1)  # (G, N, K)
+    assert torch.allclose(dist.gather(2, new_codes.unsqueeze(-1)).squeeze(-1), dist.min(-1).values, atol=1e-5)
+    # a group with no dead slot is left exactly as it was
+    full = (slot_usage(codes, 16) > 0).all(1)
+    assert torch.equal(new_ptr[full], ptr[full]) and torch.equal(new_codes[full], codes[full])
+    # the pool as each group sees it ([G, P, d]) gives the same answer as the shared [P, d]
+    same = repoint_dead(X, pool.expand(12, -1, -1), ptr, codes)
+    assert torch.equal(same[0], new_ptr) and torch.equal(same[1], new_codes)
 
 
 def test_importance_counts_usage():

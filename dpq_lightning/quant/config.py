@@ -51,6 +51,9 @@ class PoolConfig:
     iters: int = 20
     min_pointer_bits: int | None = None  # lower bound when the budget chooses; default log2(K)
     max_pointer_bits: int = 16
+    # After the merge, slots of a group that no sub-vector uses (two pointers to one entry, ~7% at
+    # 1 bit) are re-pointed to the pool entries that lower the group's error most (pool.repoint_dead)
+    repoint_dead: bool = False
 
 
 @dataclass
@@ -151,9 +154,11 @@ class QuantConfig:
 
     def stage1_dict(self) -> dict:
         """What stage 1's result depends on: :meth:`to_dict` without the data-aware keys while
-        ``data_aware`` is off (they are not read then, so a stage 1 computed before they existed
-        keeps its key)."""
+        ``data_aware`` is off and without ``pool.repoint_dead`` while it is off (they are not read
+        then, so a stage 1 computed before they existed keeps its key)."""
         d = self.to_dict()
+        if not self.pool.repoint_dead:
+            d["pool"].pop("repoint_dead")
         if not self.data_aware:
             for k in ("data_aware", "data_aware_damp", "data_aware_batches", "data_aware_timesteps", "error_feedback"):
                 d.pop(k)

@@ -30,7 +30,7 @@ from .layout import container_bytes, metadata_for, pq_entry
 from .feedback import column_groups, quantize_with_feedback
 from .metric import group_metrics, unwhiten, whiten, whitener
 from .plan import Plan, make_plan
-from .pool import build_pool
+from .pool import build_pool, repoint_dead
 from .state import QuantState, set_state, state_of
 
 Progress = Callable[[str, int, int], None]  # (layer name, index, total)
@@ -250,6 +250,11 @@ def quantize_(
             pq.set_pool((unwhiten(pool, Lp) if Lp is not None else pool).half().float(), pointers)
         # Codebooks/pool were rounded to fp16: assign against what will actually be stored.
         codes, _ = ops.nearest(space(X, Lg), space(pq.effective_codebooks().detach().to(work), Lg))
+        if layer.pool_size is not None and cfg.pool.repoint_dead:
+            pool = pq.pool.detach().to(work)  # (P, d)
+            seen = pool if Lg is None else space(pool.expand(Lg.shape[0], -1, -1), Lg)  # (P, d) or (G, P, d)
+            pointers, codes, _ = repoint_dead(space(X, Lg), seen, pq.pointers.to(work), codes)
+            pq.pointers.copy_(pointers.to(pq.pointers.dtype).cpu())
         pq.codes.copy_(codes.to(pq.codes.dtype).cpu())
         pq.to(W.device)
         replaced.append((layer.module_name, wrap_module(module, pq).to(W.device)))
