@@ -16,7 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .calib_config import CalibConfig
+from .calibration.config import CalibConfig
 from .evaluation.config import EvalConfig
 from .quant.config import QuantConfig, QuantConfigError
 

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from dpq_lightning.calib_config import CalibConfig
+from dpq_lightning.calibration import CalibConfig
 from dpq_lightning.calibration import DPQCalibration
 from dpq_lightning.diffusion import Schedule, ddpm_loss
 from dpq_lightning.models import build_dit
@@ -131,15 +131,16 @@ def _previous_adjust(module, assign_fn):
     from dpq_lightning.quant.geometry import to_groups
 
     changed = total = 0
+    rule = module.rule  # the registry's rule: which objective, whether it reads the moments
     with torch.no_grad():
-        for name, mod in module._pq.items():
+        for name, mod in module.pq_layers.items():
             w = mod.weight_pq
             H = None
-            if module.cfg.assignment == "output_aware" and name in module.moments.names:
+            if rule.needs_moments and name in module.moments.names:
                 H = module.moments.second_moment(name)
-            X = to_groups(module._teacher_w[f"{name}.weight"].detach().to(w.codes.device).float(), w.geo)
+            X = to_groups(module.teacher_weight(name).to(w.codes.device).float(), w.geo)
             C = w.effective_codebooks().detach()  # (G, K, d)
-            new = assign_fn(module.cfg.assignment, X, C, w.geo, H, module.cfg.assign_damp)
+            new = assign_fn(rule.objective, X, C, w.geo, H, module.cfg.assign_damp)
             changed += int((new != w.codes.long()).sum())
             total += new.numel()
             w.codes.copy_(new.to(w.codes.dtype))
@@ -163,7 +164,7 @@ def _tie_gaps(module, old: list, new: list) -> dict:
 
     n = ours_lower = 0
     max_rel = 0.0
-    for (name, mod), a, b in zip(module._pq.items(), old, new):
+    for (name, mod), a, b in zip(module.pq_layers.items(), old, new):
         diff = a != b  # (G, N)
         if not diff.any() or name not in module.moments.names:
             continue
@@ -225,7 +226,8 @@ def bench_assign_xl(repeats: int, packed: str | None = None, threads: int = 2, b
     with 1 torch thread when ``threads`` > 1); the codes of the two are compared code by code.
     Per pass: wall seconds, this process's CPU seconds (all threads) and the cores that other
     processes used meanwhile."""
-    import dpq_lightning.calibration as calibration
+    from dpq_lightning.calibration import rule_class
+    from dpq_lightning.quant.assign import assign as this
 
     student, teacher = _xl_student_teacher(packed)
     module = DPQCalibration(student, teacher, CalibConfig(assignment="output_aware"))
@@ -233,9 +235,8 @@ def bench_assign_xl(repeats: int, packed: str | None = None, threads: int = 2, b
     c = teacher.config
     module.compute_losses(torch.randn(2, c.in_channels, c.input_size, c.input_size), torch.randint(0, 1000, (2,)))
     module.moments.flush()
-    pq = list(module._pq.values())
+    pq = list(module.pq_layers.values())
     start = [m.weight_pq.codes.clone() for m in pq]
-    this = calibration.assign
     # (rule, driver, assignment function, torch threads). "previous": before issue 13; "last":
     # the cache-blocked assignment on one torch thread, layers one after another; "this": the same
     # assignment, layers spread over the torch thread count of Python threads.
@@ -256,8 +257,8 @@ def bench_assign_xl(repeats: int, packed: str | None = None, threads: int = 2, b
                     continue  # the slow baselines once; the versions being timed every round
                 for m, c0 in zip(pq, start):
                     m.weight_pq.codes.copy_(c0)
-                module.cfg.assignment = rule
-                calibration.assign = fn
+                module.rule = rule_class(rule)(module.cfg)  # the rule from the registry, its assignment swapped
+                module.rule.assign = fn
                 torch.set_num_threads(n_threads)
                 t0, p0, b0 = time.perf_counter(), time.process_time(), machine_busy_seconds()
                 if driver == "previous":
@@ -271,7 +272,6 @@ def bench_assign_xl(repeats: int, packed: str | None = None, threads: int = 2, b
                 result_codes[key] = [m.weight_pq.codes.clone() for m in pq]
                 print(f"  {key}: {wall:.1f} s wall, {cpu:.1f} s CPU", flush=True)
     finally:
-        calibration.assign = this
         torch.set_num_threads(threads)
     keys = [k for k in impls if impls[k][0] == "output_aware"]
     old = result_codes[keys[0]]

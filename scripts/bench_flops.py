@@ -51,7 +51,7 @@ def stand_in_step(teacher: torch.nn.Module, student: torch.nn.Module, x, t, y) -
 def miniature_check(batch: int = 8, lowrank: int = 0) -> dict:
     """FLOPs of the real 1-bit calibration step vs the float stand-in, on the digits miniature
     (with the run's rank-``lowrank`` correction, whose ``U @ V`` products are the only extra matmuls)."""
-    from dpq_lightning.calib_config import CalibConfig
+    from dpq_lightning.calibration import CalibConfig
     from dpq_lightning.calibration import DPQCalibration
     from dpq_lightning.config import load_config
     from dpq_lightning.data.digits import load_digits_tensors

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpq_lightning.calib_config import CalibConfig
+from dpq_lightning.calibration import CalibConfig
 from dpq_lightning.calibration import DPQCalibration
 from dpq_lightning.models import build_dit
 from dpq_lightning.quant import QuantConfig, quantize_
@@ -69,7 +69,7 @@ def _calibration(seed: int, quant: QuantConfig, channels: int = 4, **arch) -> DP
 def _check_every_layer(module: DPQCalibration, damp: float = 0.01) -> int:
     """New codes == reference codes on every quantized layer; returns the codes compared."""
     total = 0
-    for name, mod in module._pq.items():
+    for name, mod in module.pq_layers.items():
         if name not in module.moments.names:
             continue  # an embedding: no input moments, the rule is nearest there
         w = mod.weight_pq
@@ -101,7 +101,7 @@ def test_pooled_1bit_layers_match_the_objective_exactly():
     earlier duplicate and only first-index tie-breaking gives the reference's codes."""
     quant = _pooled_1bit(iters=2, pool_size=64)
     module = _calibration(0, quant, hidden_size=256, depth=1)
-    first = next(iter(module._pq.values())).weight_pq
+    first = next(iter(module.pq_layers.values())).weight_pq
     C = first.effective_codebooks()
     assert C.shape[1] == 256 and int(C[0].unique(dim=0).shape[0]) <= 64  # duplicates: exact ties
     assert _check_every_layer(module) > 150_000  # 181,760 sub-vectors
@@ -115,7 +115,7 @@ def test_grouped_layers_match_the_objective_exactly():
                                    {"pattern": "y_embedder.*", "granularity": "layer"},
                                    {"pattern": "x_embedder.proj.weight", "group_cols": 1}])
     module = _calibration(1, quant, channels=1, hidden_size=96, depth=2)
-    assert any(m.weight_pq.geo.group_cols == 2 for m in module._pq.values())
+    assert any(m.weight_pq.geo.group_cols == 2 for m in module.pq_layers.values())
     assert _check_every_layer(module) > 50_000
 
 
@@ -125,8 +125,8 @@ def test_adjustment_pass_writes_the_reference_codes():
     quant = _pooled_1bit(iters=1, pool_size=128)
     module = _calibration(2, quant, hidden_size=256, depth=1)
     changed, total = module.adjust_assignments()
-    assert total == sum(m.weight_pq.codes.numel() for m in module._pq.values()) and changed > 0
-    for name, mod in module._pq.items():
+    assert total == sum(m.weight_pq.codes.numel() for m in module.pq_layers.values()) and changed > 0
+    for name, mod in module.pq_layers.items():
         if name not in module.moments.names:
             continue  # an embedding: no input moments, the rule is nearest there
         w = mod.weight_pq
@@ -214,17 +214,17 @@ def test_threaded_pass_gives_the_codes_of_the_sequential_one():
 
     quant = _pooled_1bit(iters=1, pool_size=128)
     module = _calibration(3, quant, hidden_size=256, depth=2)
-    start = {n: m.weight_pq.codes.clone() for n, m in module._pq.items()}
+    start = {n: m.weight_pq.codes.clone() for n, m in module.pq_layers.items()}
     before = torch.get_num_threads()
     try:
         results = {}
         for threads in (1, 2):
-            for n, m in module._pq.items():
+            for n, m in module.pq_layers.items():
                 m.weight_pq.codes.copy_(start[n])
             torch.set_num_threads(threads)
             counts = module.adjust_assignments()
             assert torch.get_num_threads() == threads
-            results[threads] = (counts, {n: m.weight_pq.codes.clone() for n, m in module._pq.items()})
+            results[threads] = (counts, {n: m.weight_pq.codes.clone() for n, m in module.pq_layers.items()})
         assert results[1][0] == results[2][0] and results[1][0][0] > 0
         for n in start:
             assert torch.equal(results[1][1][n], results[2][1][n]), n

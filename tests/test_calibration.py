@@ -14,8 +14,8 @@ import pytest
 import torch
 from conftest import BITS, SMALL_ARCH, SMALL_OVERRIDES
 
-from dpq_lightning.calib_config import CalibConfig
-from dpq_lightning.calibration import DPQCalibration
+from dpq_lightning.calibration import CalibConfig
+from dpq_lightning.calibration import DPQCalibration, rule_class
 from dpq_lightning.config import load_config
 from dpq_lightning.data import DigitsDataModule
 from dpq_lightning.data.digits import load_digits_tensors
@@ -92,25 +92,26 @@ def test_assignment_rules_change_codes(trained_small_dit):
     student = student_of(teacher)
     m = DPQCalibration(student, teacher, CalibConfig(assignment="nearest"))
     changed, total = m.adjust_assignments()
-    assert total == sum(mod.weight_pq.codes.numel() for mod in m._pq.values())
+    assert total == sum(mod.weight_pq.codes.numel() for mod in m.pq_layers.values())
     assert changed == 0  # right after k-means the codes already are the nearest codewords
     m.cfg.assignment = "output_aware"
+    m.rule = rule_class("output_aware")(m.cfg)  # the registry's rule for the new name
     x, y = load_digits_tensors()
     m.train()
     m.compute_losses(x[:256], y[:256])  # collects input moments
     m.moments.flush()
-    before = {n: mod.weight_pq.codes.clone() for n, mod in m._pq.items()}
+    before = {n: mod.weight_pq.codes.clone() for n, mod in m.pq_layers.items()}
     changed, _ = m.adjust_assignments()
     assert changed > 0  # input-weighted error prefers other codewords for some sub-vectors
-    full = {n: (mod.weight_pq.codes != before[n]).sum().item() for n, mod in m._pq.items()}
+    full = {n: (mod.weight_pq.codes != before[n]).sum().item() for n, mod in m.pq_layers.items()}
     # limited: the same adjustment from the same start changes at most 1% of each layer's codes,
     # and only codes the full rule changed too
-    for n, mod in m._pq.items():
+    for n, mod in m.pq_layers.items():
         mod.weight_pq.codes.copy_(before[n])
     m.cfg.assign_fraction = 0.01
     changed_lim, _ = m.adjust_assignments()
     assert 0 < changed_lim < changed
-    for n, mod in m._pq.items():
+    for n, mod in m.pq_layers.items():
         moved = (mod.weight_pq.codes != before[n]).sum().item()
         assert moved <= round(0.01 * before[n].numel()) and moved <= full[n], n
 
@@ -345,8 +346,8 @@ def test_soft_hold_keeps_the_codebooks_still_until_the_choices_settle(trained_sm
                       soft_hold=hold, soft_sharpen=0.05, assign_every=4)
     m = DPQCalibration(student_of(teacher), teacher, cfg, max_steps=8)
     m.setup("fit")
-    books = {n: mod.weight_pq.effective_codebooks().detach().clone() for n, mod in m._pq.items()}
-    logits = {n: mod.weight_pq.soft_logits.detach().clone() for n, mod in m._pq.items()}
+    books = {n: mod.weight_pq.effective_codebooks().detach().clone() for n, mod in m.pq_layers.items()}
+    logits = {n: m.rule.codes_of(n).logits.detach().clone() for n in m.pq_layers}
     opt = m.configure_optimizers()["optimizer"]
     assert [g["lr"] for g in opt.param_groups] == [1e-3, 5e-2]  # codebooks/pool, then the ratios
     x, y = load_digits_tensors()
@@ -361,9 +362,9 @@ def test_soft_hold_keeps_the_codebooks_still_until_the_choices_settle(trained_sm
         opt.step()
     m._trainer = None
     assert seen == [False] * 4 + [True] * 4
-    assert m.soft_frozen_fraction() < 0.99
-    moved_books = max(float((mod.weight_pq.effective_codebooks() - books[n]).abs().max()) for n, mod in m._pq.items())
-    moved_logits = max(float((mod.weight_pq.soft_logits - logits[n]).abs().max()) for n, mod in m._pq.items())
+    assert m.rule.frozen_fraction(m) < 0.99
+    moved_books = max(float((mod.weight_pq.effective_codebooks() - books[n]).abs().max()) for n, mod in m.pq_layers.items())
+    moved_logits = max(float((m.rule.codes_of(n).logits - logits[n]).abs().max()) for n in m.pq_layers)
     assert moved_logits > 0.05
     if hold:
         assert moved_books == 0.0
@@ -417,7 +418,7 @@ def test_soft_temperature_annealing_makes_hardening_free(trained_small_dit):
                           soft_tau_end=tau_end, soft_anneal_frac=0.5)
         m = DPQCalibration(student_of(teacher), teacher, cfg, max_steps=8)
         m.setup("fit")
-        assert [m.soft_temperature(s) for s in (0, 2, 4, 8)] == pytest.approx(
+        assert [m.rule.temperature(s, m.max_steps) for s in (0, 2, 4, 8)] == pytest.approx(
             [1.0, tau_end ** 0.5, tau_end, tau_end])
         opt = m.configure_optimizers()["optimizer"]
         for step in range(8):
@@ -428,14 +429,14 @@ def test_soft_temperature_annealing_makes_hardening_free(trained_small_dit):
             losses["loss"].backward()
             opt.step()
         m._trainer = None
-        taus = [float(mod.weight_pq.soft_tau) for mod in m._pq.values()]
-        assert taus == pytest.approx([tau_end] * len(m._pq))
-        assert m.soft_frozen_fraction() == (1.0 if tau_end < 1 else 0.0)
+        taus = [float(m.rule.codes_of(n).tau) for n in m.pq_layers]
+        assert taus == pytest.approx([tau_end] * len(m.pq_layers))
+        assert m.rule.frozen_fraction(m) == (1.0 if tau_end < 1 else 0.0)
         with torch.no_grad():
-            soft = {n: mod.weight_pq().clone() for n, mod in m._pq.items()}
+            soft = {n: mod.weight_pq().clone() for n, mod in m.pq_layers.items()}
             m.export_student()
             gaps[tau_end] = max(float((mod.weight_pq() - soft[n]).abs().max() / soft[n].abs().max())
-                                for n, mod in m._pq.items())
+                                for n, mod in m.pq_layers.items())
     assert gaps[1e-3] == 0.0 and gaps[1.0] > 1e-2
 
 

@@ -17,7 +17,7 @@ import torch
 from conftest import BITS, SMALL_ARCH, SMALL_OVERRIDES
 from PIL import Image
 
-from dpq_lightning.calib_config import CalibConfig
+from dpq_lightning.calibration import CalibConfig
 from dpq_lightning.callbacks import (BlockErrorTrajectoryCallback, CompressionReportCallback, ProxyMetricsCallback,
                                      SampleGridCallback, build_callbacks)
 from dpq_lightning.calibration import DPQCalibration

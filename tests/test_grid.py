@@ -143,7 +143,7 @@ def test_a_half_finished_run_is_kept_only_for_the_same_config(tmp_path):
 def test_same_experiment_ignores_names_and_keys_the_rule_never_reads():
     """Two configs that differ only in the run's name, folder, the teacher flag or keys their
     assignment rule never reads are the same run; any other difference is another run."""
-    from dpq_lightning.calib_config import CalibConfig
+    from dpq_lightning.calibration import CalibConfig
     from dpq_lightning.config import load_config, to_yaml
     from dpq_lightning.experiments.runner import same_experiment
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import BITS, SMALL_OVERRIDES
 
-from dpq_lightning.calib_config import CalibConfig
+from dpq_lightning.calibration import CalibConfig
 from dpq_lightning.calibration import DPQCalibration
 from dpq_lightning.packed import inspect, load_packed, read_metadata, save_packed
 from dpq_lightning.quant import PQ_MODULES, QuantConfig, quantize_
@@ -28,7 +28,7 @@ def _module(trained, rank: int, bits: int = 1) -> DPQCalibration:
 def _errors(module: DPQCalibration) -> dict[str, tuple[float, torch.Tensor]]:
     """Per PQ layer: |W_teacher - decoded|_F^2 and the singular values of that error."""
     out = {}
-    for name, mod in module._pq.items():
+    for name, mod in module.pq_layers.items():
         w = mod.weight_pq
         rows, cols = w.matrix_shape()
         resid = (module._teacher_w[f"{name}.weight"].detach() - w().detach()).reshape(rows, cols)
@@ -45,7 +45,7 @@ def test_svd_init_removes_the_top_singular_directions_of_the_error(trained_small
     after = _errors(module)
     assert set(before) == set(after) and len(after) >= 10
     for name, (err, _) in after.items():
-        w = module._pq[name].weight_pq
+        w = module.pq_layers[name].weight_pq
         rows, cols = w.matrix_shape()
         assert w.lowrank_rank == min(2, rows, cols)
         assert w.lowrank_u.shape == (rows, w.lowrank_rank) and w.lowrank_v.shape == (w.lowrank_rank, cols)
@@ -64,13 +64,13 @@ def test_gradients_reach_the_factors_and_resume_keeps_them(trained_small_dit):
     g = torch.Generator().manual_seed(0)
     loss = module.compute_losses(torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g))
     loss["loss"].backward()
-    grads = [m.weight_pq.lowrank_u.grad for m in module._pq.values()]
+    grads = [m.weight_pq.lowrank_u.grad for m in module.pq_layers.values()]
     assert all(gr is not None and float(gr.abs().sum()) > 0 for gr in grads)
     again = _module(trained_small_dit, rank=2)
     state = {k: v + 0.5 if k.endswith("lowrank_v") else v for k, v in module.state_dict().items()}
     again.load_state_dict(state)
-    name = next(iter(module._pq))
-    assert torch.equal(again._pq[name].weight_pq.lowrank_v, module._pq[name].weight_pq.lowrank_v + 0.5)
+    name = next(iter(module.pq_layers))
+    assert torch.equal(again.pq_layers[name].weight_pq.lowrank_v, module.pq_layers[name].weight_pq.lowrank_v + 0.5)
 
 
 def test_packed_file_holds_the_correction_and_the_size_counts_it(trained_small_dit, tmp_path):

@@ -88,8 +88,8 @@ def _from_calibration_checkpoint(path: Path) -> nn.Module:
     model = load_packed(stage1)
     state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
     student = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
-    if any(".soft_" in k for k in student):
-        raise ValueError(f"{path}: a soft-candidate checkpoint (calib.assignment=soft) holds mixtures, not codes; "
+    if any(k.startswith("rule_state.") for k in state):
+        raise ValueError(f"{path}: this checkpoint's assignment rule holds mixtures, not codes (calib.assignment=soft); "
                          f"sample the run's exported model.dpq")
     # A low-rank correction (calib.lowrank_rank) is not part of stage 1's file: give each weight its
     # saved factors first, so that the strict load below then checks every other key.

@@ -153,6 +153,7 @@ def seed_records(results: Path, seed: int, meta: dict) -> list[dict]:
 def calib_text(results: Path, metas: dict[int, dict]) -> str:
     """Which calibration the calibrated cells ran, per bit level, read from their records (the
     first seed's: the protocol key makes the seeds agree)."""
+    from ..calibration import rule_class
     from .runner import saved_config
 
     s0, parts = next(iter(metas)), {}
@@ -160,9 +161,7 @@ def calib_text(results: Path, metas: dict[int, dict]) -> str:
         cfg = saved_config(record["config"]) if record.get("calibrated") else None
         if cfg is not None and record["bits"] not in parts:
             c = cfg.calib
-            rule = (f"soft candidate sets (n={c.soft_candidates}, temperature 1 -> {c.soft_tau_end:g} over "
-                    f"{c.soft_anneal_frac:.0%} of the steps, then locked)" if c.assignment == "soft"
-                    else {"frozen": "codes frozen"}.get(c.assignment, f"assignment {c.assignment}"))
+            rule = rule_class(c.assignment).describe(c)
             floats = ", norms/biases/embedders trained" if c.train_floats else ""
             lowrank = f", a rank-{c.lowrank_rank} correction per quantized weight trained" if c.lowrank_rank else ""
             parts[record["bits"]] = f"{record['bits']} bit: {rule}{floats}{lowrank}, {cfg.trainer.max_steps} steps"

@@ -64,8 +64,8 @@ def run(cfg: RunConfig, callbacks: list | None = None) -> dict:
     summary: dict = {}
     if trainer.is_global_zero:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        trained = sum(p.numel() for p in module.student.parameters() if p.requires_grad)  # before hardening
-        if cfg.calib.assignment == "soft":  # the soft mixture's numbers: what hardening costs
+        trained = module.trainable_count()  # before hardening
+        if module.rule.mixes:  # the mixture's numbers: what hardening costs
             from ..evaluation.final import before_hardening
 
             metrics.update({f"soft/{k}": v for k, v in before_hardening(module.student, cfg.eval).items()})

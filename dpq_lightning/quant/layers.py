@@ -64,7 +64,10 @@ class PQWeight(nn.Module):
         self.K = K
         G, N, d = geo.num_groups, geo.group_size, geo.d
         self.register_buffer("codes", torch.zeros(G, N, dtype=_code_dtype(K)))  # (G, N)
-        self.register_parameter("soft_logits", None)  # (G, N, n) while soft candidates are on
+        # A calibration rule may mix several codewords per sub-vector while it trains (the soft
+        # rule): ``mixer(self, table) -> [G, N, d]`` replaces the gather. The rule owns the state;
+        # a plain attribute (not a submodule), so it is never in this module's state dict.
+        self.__dict__["_mixer"] = None
         # Inference mode (decode_for_inference): the decoded weight, kept between forwards. A
         # non-persistent buffer: not in checkpoints or packed files, but moved by .to() and
         # counted by every in-memory account of parameters + buffers.
@@ -133,12 +136,12 @@ class PQWeight(nn.Module):
 
     def flat_index(self) -> torch.Tensor:
         """Row of the (pool or flattened codebook) table used by each sub-vector: ``[G, N]``."""
-        return self._rows_of(self.codes)
+        return self.rows_of(self.codes)
 
     def _table(self) -> torch.Tensor:
         return self.codebooks.reshape(-1, self.geo.d) if self.pool is None else self.pool  # (rows, d)
 
-    def _rows_of(self, codes: torch.Tensor) -> torch.Tensor:
+    def rows_of(self, codes: torch.Tensor) -> torch.Tensor:
         """Table row of codes ``[G, N, ...]`` (codewords of each sub-vector's own group)."""
         G, K = self.geo.num_groups, self.K
         offsets = (torch.arange(G, device=codes.device) * K).reshape(G, *([1] * (codes.dim() - 1)))
@@ -158,8 +161,9 @@ class PQWeight(nn.Module):
         if not enable:
             self.decoded, self._decoded_key = None, None
             return
-        if self.soft_logits is not None:
-            raise ValueError("soft candidates are on: harden the codes (end_soft) before decoding for inference")
+        if self._mixer is not None:
+            raise ValueError("a calibration rule mixes this weight's codewords: harden the codes (the rule's "
+                             "harden, via DPQCalibration.export_student) before decoding for inference")
         with torch.no_grad():
             self.decoded = None  # so forward() decodes afresh
             self.decoded = self.forward().detach()  # original weight shape
@@ -172,57 +176,21 @@ class PQWeight(nn.Module):
                 self.keep_decoded()
             return self.decoded
         table = self._table()
-        if self.soft_logits is not None:
-            return self._with_lowrank(from_groups(self._soft_groups(table), self.geo))
+        if self._mixer is not None:
+            return self._with_lowrank(from_groups(self._mixer(self, table), self.geo))
         # Not table[idx]: advanced indexing's multi-threaded CPU scatter-add has no fixed summation
         # order (resume would not be bit-exact); gather_rows' backward does.
         groups = gather_rows(table, self.flat_index())  # (G, N, d)
         return self._with_lowrank(from_groups(groups, self.geo))  # original weight shape
 
-    # ---- soft candidates (VQ4DiT-style assignment, an ablation of the calibration) ----------
-    def start_soft(self, X: torch.Tensor, n: int, temperature: float = 1.0) -> None:
-        """Each sub-vector mixes its ``n`` nearest codewords to the teacher's ``X [G, N, d]``
-        with learnable softmax ratios (initialised from distances); hard codes stay in ``codes``."""
-        C = self.effective_codebooks().detach()  # (G, K, d)
-        dist = torch.cdist(X.float(), C.float())  # (G, N, K)
-        d_n, cand = dist.topk(min(n, self.K), dim=-1, largest=False)  # (G, N, n)
-        self.register_buffer("soft_cand", cand.to(self.codes.dtype))
-        self.register_buffer("soft_frozen", torch.zeros(cand.shape[:2], dtype=torch.bool, device=cand.device))
-        # Softmax temperature of the ratios (1 = plain softmax); a calibration may lower it step by
-        # step so that every mixture is one-hot, and hardening free, by the end (a buffer: resumes).
-        self.register_buffer("soft_tau", torch.ones((), device=cand.device))
-        scale = d_n.mean().clamp_min(1e-12)
-        self.soft_logits = nn.Parameter(-(d_n / scale) / temperature)  # (G, N, n)
+    def set_mixer(self, mixer) -> None:
+        """``mixer(weight, table [rows, d]) -> [G, N, d]`` decodes this weight from now on (None:
+        back to one codeword per sub-vector, the codes)."""
+        self.__dict__["_mixer"] = mixer
 
-    def _soft_groups(self, table: torch.Tensor) -> torch.Tensor:
-        vecs = gather_rows(table, self._rows_of(self.soft_cand))  # (G, N, n, d)
-        probs = self.soft_ratios()  # (G, N, n)
-        hard = torch.nn.functional.one_hot(probs.argmax(-1), probs.shape[-1]).to(probs.dtype)
-        probs = torch.where(self.soft_frozen.unsqueeze(-1), hard, probs)  # frozen: exactly one codeword
-        return (probs.unsqueeze(-1) * vecs).sum(-2)  # (G, N, d)
-
-    def soft_ratios(self) -> torch.Tensor:
-        """The mixing ratios ``softmax(logits / tau)`` ``[G, N, n]``."""
-        return torch.softmax(self.soft_logits / self.soft_tau, dim=-1)
-
-    @torch.no_grad()
-    def soft_step(self, threshold: float) -> int:
-        """Freeze sub-vectors whose top ratio exceeds ``threshold``; refresh the hard ``codes`` to
-        every sub-vector's current best candidate. Returns how many are frozen now."""
-        probs = self.soft_ratios()
-        top, pos = probs.max(-1)  # (G, N)
-        self.soft_frozen |= top > threshold
-        self.codes.copy_(self.soft_cand.long().gather(-1, pos.unsqueeze(-1)).squeeze(-1).to(self.codes.dtype))
-        return int(self.soft_frozen.sum())
-
-    def end_soft(self) -> None:
-        """Back to hard codes (the argmax candidate of every sub-vector)."""
-        if self.soft_logits is None:
-            return
-        self.soft_step(2.0)  # refresh codes, freeze nothing new
-        self.soft_logits = None
-        for name in ("soft_cand", "soft_frozen", "soft_tau"):
-            delattr(self, name)
+    @property
+    def mixing(self) -> bool:
+        return self._mixer is not None
 
     def extra_repr(self) -> str:
         g = self.geo

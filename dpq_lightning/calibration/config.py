@@ -1,16 +1,11 @@
-"""Settings of stage 2 (calibration): a plain dataclass, importable without Lightning."""
+"""Settings of stage 2 (calibration): a plain dataclass, importable without Lightning. The
+assignment rules and the keys each reads are the registry's (:mod:`.rules`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-RULES = ("output_aware", "nearest", "frozen", "soft")
-# The soft rule's own keys: calibration.py reads them only when ``assignment == "soft"``.
-SOFT_KEYS = ("soft_candidates", "soft_threshold", "soft_lr", "soft_hold", "soft_sharpen", "soft_tau_end",
-             "soft_anneal_frac")
-# The re-assignment pass's keys (calibration.adjust_assignments): the soft rule never calls it;
-# frozen codes never call anything every assign_every steps.
-REASSIGN_KEYS = ("assign_damp", "assign_fraction")
+from .rules import rule_class, unused_keys
 
 
 @dataclass
@@ -46,15 +41,10 @@ class CalibConfig:
     def unused_keys(self) -> tuple[str, ...]:
         """Keys this calibration never reads under its ``assignment`` rule. Two configs that differ
         only here define the same run (experiments.runner.experiment_key)."""
-        if self.assignment == "soft":
-            return REASSIGN_KEYS
-        if self.assignment == "frozen":
-            return SOFT_KEYS + REASSIGN_KEYS + ("assign_every",)
-        return SOFT_KEYS
+        return unused_keys(self.assignment)
 
     def __post_init__(self) -> None:
-        if self.assignment not in RULES:
-            raise ValueError(f"calib.assignment must be one of {RULES}, got {self.assignment!r}")
+        rule_class(self.assignment)  # raises, naming the key and the rules known
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"calib.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
         if self.assign_every < 1:

@@ -8,7 +8,8 @@ One training step (``training_step``):
 Backward reaches the pool/codebooks through the gather that rebuilds each weight; codes take
 no gradient. Every ``assign_every`` steps the codes are re-chosen (forward-pass adjustment) by
 the configured rule from the teacher's weights, the current codebooks and the running input
-moments (all-reduced first, so every rank computes the same codes).
+moments (all-reduced first, so every rank computes the same codes). What the rule does lives in
+its class (:mod:`.rules`, :mod:`.soft`): this module calls its hooks and never names a rule.
 
 The teacher is held outside the module tree: never in ``state_dict``/checkpoints, never
 trained, always in eval mode; runs rebuild it from its path.
@@ -22,14 +23,13 @@ import lightning as L
 import torch
 from torch import nn
 
-from .calib_config import CalibConfig
-from .diffusion import Schedule, ddpm_loss
-from .models.hooks import BlockOutputRecorder
-from .quant import PQ_MODULES
-from .quant.assign import assign, code_cost, damped, limit_changes, map_one_thread_each
-from .quant.geometry import to_groups
-from .quant.state import state_of
-from .quant.stats import InputMoments
+from ..diffusion import Schedule, ddpm_loss
+from ..models.hooks import BlockOutputRecorder
+from ..quant import PQ_MODULES
+from ..quant.state import state_of
+from ..quant.stats import InputMoments
+from .config import CalibConfig
+from .rules import rule_class
 
 def relative_block_error(h_s: list[torch.Tensor], h_t: list[torch.Tensor]) -> torch.Tensor:
     """``mean_b |h_s^b - h_t^b|^2 / |h_t^b|^2`` over the blocks (the loss's reconstruction term)."""
@@ -53,12 +53,14 @@ class DPQCalibration(L.LightningModule):
         self.run_config = run_config
         self.schedule = Schedule.linear()
         self.moments = InputMoments(student)
-        self._pq = {n: m for n, m in student.named_modules() if isinstance(m, PQ_MODULES)}
-        if not self._pq:
+        self.pq_layers = {n: m for n, m in student.named_modules() if isinstance(m, PQ_MODULES)}
+        if not self.pq_layers:
             raise ValueError("the student has no quantized layers: run stage 1 (quantize_) first")
         self._rec_s = BlockOutputRecorder(student)
         self._rec_t = BlockOutputRecorder(teacher, detach=True)
         self._teacher_w = dict(teacher.named_parameters())
+        self.rule = rule_class(cfg.assignment)(cfg)
+        self.rule_state = self.rule.state  # the rule's own trained state: in checkpoints as rule_state.*
         if cfg.label_dropout > 0:
             student.null_class  # noqa: B018 - raises a clear error if the DiT has no null class
         # t_sampling=error: how often each training step is drawn, [num_steps]; all zeros until
@@ -68,8 +70,7 @@ class DPQCalibration(L.LightningModule):
 
     # ---- what trains ---------------------------------------------------------------------
     def _set_trainable(self) -> None:
-        pq_names = {f"{n}.weight_pq.{s}" for n in self._pq
-                    for s in ("codebooks", "pool", "soft_logits", "lowrank_u", "lowrank_v")}
+        pq_names = {f"{n}.weight_pq.{s}" for n in self.pq_layers for s in ("codebooks", "pool", "lowrank_u", "lowrank_v")}
         float_names = set(state_of(self.student).float_names)
         for name, p in self.student.named_parameters():
             p.requires_grad_(name in pq_names or (self.cfg.train_floats and name in float_names))
@@ -80,7 +81,7 @@ class DPQCalibration(L.LightningModule):
         rank-``rank`` approximation of what stage 1 left wrong (truncated SVD of ``W_teacher -
         decoded``, split as ``U sqrt(S)``, ``sqrt(S) V^T``): the error-reconstruction idea of
         LQER-style methods; calibration then trains it with the codebooks."""
-        for name, mod in self._pq.items():
+        for name, mod in self.pq_layers.items():
             w = mod.weight_pq
             if w.lowrank_rank:
                 continue
@@ -96,12 +97,16 @@ class DPQCalibration(L.LightningModule):
     def trainable_names(self) -> list[str]:
         return sorted(n for n, p in self.student.named_parameters() if p.requires_grad)
 
+    def trainable_count(self) -> int:
+        """Numbers trained: the student's and the rule's own (the soft rule's ratios)."""
+        return sum(p.numel() for m in (self.student, self.rule_state) for p in m.parameters() if p.requires_grad)
+
+    def teacher_weight(self, layer: str) -> torch.Tensor:
+        """The teacher's weight of a quantized layer (detached)."""
+        return self._teacher_w[f"{layer}.weight"].detach()
+
     def configure_optimizers(self):
-        named = [(n, p) for n, p in self.student.named_parameters() if p.requires_grad]
-        logits = [p for n, p in named if n.endswith(".soft_logits")]
-        groups = [{"params": [p for n, p in named if not n.endswith(".soft_logits")]}]
-        if logits:  # the soft rule's ratios may move faster than the codewords (VQ4DiT: 5e-2 vs 1e-4)
-            groups.append({"params": logits, "lr": self.cfg.soft_lr or self.cfg.lr})
+        groups = [{"params": [p for p in self.student.parameters() if p.requires_grad]}, *self.rule.param_groups()]
         opt = torch.optim.AdamW(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -118,17 +123,11 @@ class DPQCalibration(L.LightningModule):
 
     # ---- lifecycle -------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        # Before any checkpoint is restored: the low-rank correction and the soft rule add
+        # Before any checkpoint is restored: the low-rank correction and the rule's state add
         # parameters that must exist then (a resumed run overwrites their initial values).
         if self.cfg.lowrank_rank > 0:
             self.add_lowrank(self.cfg.lowrank_rank)
-        if self.cfg.assignment == "soft":
-            for name, mod in self._pq.items():
-                w = mod.weight_pq
-                if w.soft_logits is None:
-                    X = to_groups(self._teacher_w[f"{name}.weight"].detach().float(), w.geo)
-                    w.start_soft(X.to(w.codes.device), self.cfg.soft_candidates)
-            self._set_trainable()
+        self.rule.setup(self)
 
     def on_fit_start(self) -> None:
         self.teacher.to(self.device).eval()
@@ -184,9 +183,9 @@ class DPQCalibration(L.LightningModule):
 
     def compute_losses(self, x0: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         t, noise, y = self._draw(x0, y)
-        # Only the output-aware rule reads the input moments; the other rules skip the per-layer
-        # hooks' work (the buffers stay in the state dict, so checkpoints keep one layout).
-        self.moments.enabled = self.cfg.assignment == "output_aware"
+        # Only a rule that reads the input moments pays for the per-layer hooks' work (the buffers
+        # stay in the state dict, so checkpoints keep one layout).
+        self.moments.enabled = self.rule.needs_moments
         x_t = self.schedule.q_sample(x0, t, noise)
         with torch.no_grad():
             out_t = self.teacher(x_t, t, y)
@@ -199,33 +198,10 @@ class DPQCalibration(L.LightningModule):
         c = self.cfg
         loss = c.w_rec * rec + c.w_ddpm * (mse + c.w_vb * vb) + c.w_out * out
         losses = {"loss": loss, "loss_rec": rec, "loss_ddpm": mse, "loss_vb": vb, "loss_out": out}
-        if c.assignment == "soft" and c.soft_sharpen > 0 and self.max_steps and self.global_step >= self.max_steps // 2:
-            # VQ4DiT's sharpening, added once the ratios had half the run to settle: r(1-r) is 0
-            # only at one-hot ratios, so it pushes every mixture toward the codeword it favours.
-            sharp = torch.stack([self._soft_spread(m.weight_pq) for m in self._pq.values()
-                                 if m.weight_pq.soft_logits is not None]).mean()
-            losses["loss"] = loss + c.soft_sharpen * sharp
-            losses["loss_sharpen"] = sharp
+        for key, (weight, value) in self.rule.extra_losses(self).items():
+            losses["loss"] = losses["loss"] + weight * value
+            losses[key] = value
         return losses
-
-    @staticmethod
-    def _soft_spread(w) -> torch.Tensor:
-        r = w.soft_ratios()  # (G, N, n)
-        return (r * (1 - r)).sum(-1).mean()
-
-    def soft_temperature(self, step: int) -> float:
-        """``soft_tau_end ** p``, p = step / (soft_anneal_frac * max_steps) capped at 1: a
-        geometric fall from 1, so the ratios sharpen at a steady rate and are (near) one-hot for
-        the last part of the run; from then on every sub-vector is locked to its argmax and the
-        codebooks adapt to the codes that will be stored (hardening then costs nothing)."""
-        return self.cfg.soft_tau_end ** min(1.0, step / self._anneal_span())
-
-    def _anneal_span(self) -> float:
-        return max(1.0, self.cfg.soft_anneal_frac * (self.max_steps or 1))
-
-    def soft_frozen_fraction(self) -> float:
-        frozen = sum(int(m.weight_pq.soft_frozen.sum()) for m in self._pq.values() if m.weight_pq.soft_logits is not None)
-        return frozen / max(1, sum(m.weight_pq.codes.numel() for m in self._pq.values()))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         losses = self.compute_losses(batch["x"], batch["y"])
@@ -248,77 +224,21 @@ class DPQCalibration(L.LightningModule):
         # Every step, before checkpoint callbacks run: the moments in any checkpoint are then the
         # exact global totals (DDP: summed over ranks), so a resumed run reproduces them.
         self.moments.flush(self._reduce_sum)
-        if self.cfg.assignment == "soft" and self.cfg.soft_hold > 0 and self.soft_frozen_fraction() < self.cfg.soft_hold:
-            # VQ4DiT: the codebooks wait until the choices have settled (a zero gradient leaves
-            # Adam's moments and the codewords exactly where they are). The frozen fraction is
-            # read from the soft_frozen buffers, so a resumed run holds exactly when this one did.
-            for m in self._pq.values():
-                for p in (m.weight_pq.codebooks, m.weight_pq.pool):
-                    if p is not None and p.grad is not None:
-                        p.grad.zero_()
+        self.rule.after_backward(self)
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
-        # Adjusting at the start of step k+1 (not the end of step k) puts the adjustment after any
-        # checkpoint saved at step k, so resuming from it redoes exactly this adjustment.
-        rule = self.cfg.assignment
-        step = self.global_step
-        if rule == "soft" and self.cfg.soft_tau_end < 1.0:
-            tau, done = self.soft_temperature(step), step >= self._anneal_span()
-            for m in self._pq.values():
-                w = m.weight_pq
-                if w.soft_logits is not None:
-                    w.soft_tau.fill_(tau)
-                    if done and not bool(w.soft_frozen.all()):
-                        # Annealing over: lock every sub-vector to its argmax (near-ties between
-                        # distinct codewords stay mixed at any temperature), so the rest of the run
-                        # trains the codebooks for exactly the codes that will be stored.
-                        w.soft_step(-1.0)
-        if rule == "frozen" or step == 0 or step % self.cfg.assign_every != 0:
-            return
-        if rule == "soft":
-            frozen = sum(m.weight_pq.soft_step(self.cfg.soft_threshold) for m in self._pq.values())
-            total = sum(m.weight_pq.codes.numel() for m in self._pq.values())
-            self.log("assign/frozen_frac", frozen / total, batch_size=1)
-            return
-        changed, total = self.adjust_assignments()
-        self.log("assign/changed_frac", changed / max(1, total), batch_size=1)
+        self.rule.start_step(self, self.global_step)
 
     def _reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self._trainer is not None and self.trainer.world_size > 1:
             return self.trainer.strategy.reduce(tensor, reduce_op="sum")
         return tensor
 
-    @torch.no_grad()
     def adjust_assignments(self) -> tuple[int, int]:
-        """Re-choose every code by the rule; return (codes changed, codes total).
-
-        On CPU the layers are spread over as many Python threads as the caller's torch thread
-        count, each op on one torch thread (:func:`map_one_thread_each`): every layer is computed
-        alone and deterministically, so the codes do not depend on the thread count."""
-        cpu = next(iter(self._pq.values())).weight_pq.codes.device.type == "cpu"
-        counts = map_one_thread_each(self._adjust_layer, list(self._pq), cpu)
-        return sum(c for c, _ in counts), sum(t for _, t in counts)
-
-    def _adjust_layer(self, name: str) -> tuple[int, int]:
-        """One layer's codes re-chosen in place; returns (codes changed, codes total)."""
-        with torch.no_grad():  # grad mode is per thread: the workers start with it on
-            w = self._pq[name].weight_pq
-            H = None
-            if self.cfg.assignment == "output_aware" and name in self.moments.names:
-                H = self.moments.second_moment(name)  # identical on every rank (see flush)
-            X = to_groups(self._teacher_w[f"{name}.weight"].detach().to(w.codes.device).float(), w.geo)
-            C = w.effective_codebooks().detach()  # (G, K, d)
-            new = assign(self.cfg.assignment, X, C, w.geo, H, self.cfg.assign_damp)  # (G, N)
-            if self.cfg.assign_fraction < 1.0:  # limited: only the codes that gain most move
-                Hd = None if H is None else damped(H, self.cfg.assign_damp)
-                gain = code_cost(X, C, w.codes, w.geo, Hd) - code_cost(X, C, new, w.geo, Hd)
-                new = limit_changes(w.codes, new, gain, self.cfg.assign_fraction)
-            changed = int((new != w.codes.long()).sum())
-            w.codes.copy_(new.to(w.codes.dtype))
-            return changed, new.numel()
+        """One re-assignment pass of the rule over every layer: (codes changed, codes total)."""
+        return self.rule.adjust(self)
 
     def export_student(self) -> nn.Module:
         """The calibrated student with hard codes, ready for ``save_packed``."""
-        for m in self._pq.values():
-            m.weight_pq.end_soft()
+        self.rule.harden(self)
         return self.student
