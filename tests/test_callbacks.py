@@ -369,3 +369,61 @@ def test_lightning_tips_are_dropped(tmp_path, caplog):
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "GPU available" in text  # Lightning's own lines still reach the user
     assert "litlogger" not in text
+    import warnings
+
+    seen = ("Your `IterableDataset` has `__len__` defined. In combination with multi-process data loading",
+            "`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec)`",
+            "The `srun` command is available on your system but is not used. HINT: ...")
+    with warnings.catch_warnings(record=True) as got:
+        quiet_lightning()  # inside: catch_warnings restores the filters afterwards
+        for message in seen:
+            warnings.warn(message, UserWarning)
+        warnings.warn("a warning of the user's own", UserWarning)
+    assert [str(w.message) for w in got] == ["a warning of the user's own"]
+
+
+class _Tiny(__import__("lightning").LightningModule):
+    """A one-parameter model: three batches an epoch, so a 7-step fit spans three epochs."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def training_step(self, batch, batch_idx):
+        return (self.w - batch[0]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(3, 1)), batch_size=1)
+
+
+def _bars(text: str) -> list[str]:
+    import re
+
+    return re.findall(r"calibration:\s+\d+%\|[^|]*\|\s*(\d+)/(\d+)", text)
+
+
+def test_one_progress_bar_over_the_steps_with_the_runs_total(tmp_path, capfd):
+    """Lightning's bar restarts every epoch ("Epoch 0 ... 3/3", "Epoch 1 ..."); ours counts the
+    optimizer steps to max_steps across epochs, and a resumed fit starts at its step."""
+    import lightning as L
+
+    from dpq_lightning.callbacks.progress import StepProgressBar
+
+    def fit(steps, ckpt=None):
+        trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_model_summary=False,
+                            callbacks=[StepProgressBar()], default_root_dir=str(tmp_path), enable_checkpointing=False)
+        trainer.fit(_Tiny(), ckpt_path=ckpt)
+        return trainer
+
+    trainer = fit(7)
+    err = capfd.readouterr().out  # Lightning's bars write to stdout
+    assert "Epoch 1" not in err and "Epoch 2" not in err and trainer.current_epoch >= 2  # three epochs ran
+    counts = _bars(err)
+    assert counts and counts[-1] == ("7", "7") and {total for _, total in counts} == {"7"}
+    trainer.save_checkpoint(tmp_path / "s7.ckpt")
+    fit(10, str(tmp_path / "s7.ckpt"))
+    counts = _bars(capfd.readouterr().out)
+    assert counts[0][0] in ("7", "8") and counts[-1] == ("10", "10")  # from its step, not from 0

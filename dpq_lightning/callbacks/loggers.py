@@ -28,12 +28,24 @@ class _DropTips(logging.Filter):
         return "litlogger" not in record.getMessage()
 
 
+# Third-party warnings that are not the user's concern, each with why (the one place they are named):
+QUIET_WARNINGS = (
+    # LitData's streaming datasets shard themselves per worker and rank, so their length is right
+    # (tests/test_data.py checks the counts)
+    r"Your `IterableDataset` has `__len__` defined",
+    # Lightning's own use of a torch pytree API that torch deprecated: nothing a user can change
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    # printed whenever srun exists on the machine; our SLURM jobs start every rank with srun
+    # (scripts/slurm/dpq.sbatch), and a run outside SLURM is meant to be one
+    r"The `srun` command is available on your system but is not used",
+)
+
+
 def quiet_lightning() -> None:
-    """Drop the litlogger tip and the warning that an IterableDataset with ``__len__`` may count
-    wrongly under several workers: LitData's streaming datasets shard themselves per worker and
-    rank, so their length is right (tests/test_data.py checks the counts)."""
+    """Drop the litlogger tip and :data:`QUIET_WARNINGS`."""
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch"):
         log = logging.getLogger(name)
         if not any(isinstance(f, _DropTips) for f in log.filters):
             log.addFilter(_DropTips())
-    warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+    for message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)

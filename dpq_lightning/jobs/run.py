@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from ..calibration import DPQCalibration
 from ..callbacks import RequeueAtStepEnd, build_callbacks, make_logger, resume_path
 from ..callbacks.loggers import quiet_lightning
+from ..callbacks.progress import StepProgressBar
 from ..checkpoint_io import AtomicCheckpointIO
 from ..config import RunConfig, TrainerConfig, save_resolved, to_yaml
 from ..data.factory import build_datamodule
@@ -88,7 +89,8 @@ def build_trainer(t: TrainerConfig, out: Path, callbacks: list, logger) -> L.Tra
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy,
         precision=t.precision, max_steps=t.max_steps, gradient_clip_val=t.gradient_clip_val,
-        log_every_n_steps=t.log_every_n_steps, default_root_dir=str(out), callbacks=callbacks, logger=logger,
+        log_every_n_steps=t.log_every_n_steps, default_root_dir=str(out), logger=logger,
+        callbacks=[*callbacks, *([StepProgressBar()] if t.progress_bar else [])],
         deterministic=t.deterministic, enable_progress_bar=t.progress_bar, enable_model_summary=False,
         plugins=[AtomicCheckpointIO()],
     )
