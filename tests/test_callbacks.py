@@ -71,15 +71,29 @@ def test_grid_pngs(csv_fit):
     assert not list((tmp / "samples").glob(".*tmp"))  # atomic writes leave no temp files
     cell = 8 * SCALE
     rows, cols = 2 * PER_CLASS, len(GRID_CLASSES)  # teacher rows above student rows
+    left, top = 6 * len("stage 1") + 8, 14  # the label margins (callbacks/grid.py: label_grid)
     with Image.open(files[-1]) as img:
-        assert img.size == (cols * (cell + PAD) + PAD, rows * (cell + PAD) + PAD) and img.mode == "L"
+        assert img.size == (left + cols * (cell + PAD) + PAD, top + rows * (cell + PAD) + PAD) and img.mode == "L"
         px = np.asarray(img)
-    first_teacher = px[PAD:PAD + cell, PAD:PAD + cell]
-    first_student = px[PAD + PER_CLASS * (cell + PAD):][:cell, PAD:PAD + cell]
+    with Image.open(files[0]) as img0:
+        px0 = np.asarray(img0)
+    assert px0.shape == px.shape  # "stage 1" and "step 4" are as wide
+    first_teacher = px[top + PAD:top + PAD + cell, left + PAD:left + PAD + cell]
+    first_student = px[top + PAD + PER_CLASS * (cell + PAD):][:cell, left + PAD:left + PAD + cell]
     assert first_teacher.std() > 0 and first_student.std() > 0  # real samples, not blank cells
     # Same noise every time: the teacher rows never change between evaluations.
-    with Image.open(files[0]) as img0:
-        assert np.array_equal(np.asarray(img0)[: PER_CLASS * (cell + PAD)], px[: PER_CLASS * (cell + PAD)])
+    teacher_block = slice(top, top + PER_CLASS * (cell + PAD))
+    assert np.array_equal(px0[teacher_block, left:], px[teacher_block, left:])
+    # labelled: dark text in the left margin beside every row and above every column; the row
+    # labels of the student differ between step 0 ("stage 1") and step 4 ("step 4")
+    for r in range(rows):
+        band = px[top + PAD + r * (cell + PAD):top + PAD + r * (cell + PAD) + cell, :left]
+        assert (band < 128).sum() > 10, r
+    for c in range(cols):
+        assert (px[:top, left + PAD + c * (cell + PAD):left + (c + 1) * (cell + PAD)] < 128).sum() > 5, c
+    student_labels = slice(top + PER_CLASS * (cell + PAD), None)
+    assert np.array_equal(px0[teacher_block, :left], px[teacher_block, :left])
+    assert not np.array_equal(px0[student_labels, :left], px[student_labels, :left])
 
 
 def test_trajectory_files_and_values(csv_fit):

@@ -1,4 +1,5 @@
-"""A fixed-noise sample grid, teacher rows above student rows, saved as PNG and logged to W&B."""
+"""A fixed-noise sample grid, teacher rows above student rows, labelled by row (teacher / stage 1 /
+student) and column (class), saved as PNG and logged to W&B."""
 
 from __future__ import annotations
 
@@ -43,9 +44,40 @@ def make_grid(rows: Sequence[torch.Tensor], scale: int = 4, pad: int = 1,
     return canvas
 
 
+MARGIN_BG, TEXT = 255, 0  # the label margins: white, black text
+CHAR_W, LINE_H = 6, 11  # PIL's default bitmap font: about 6 px a character, 11 px a line
+
+
+def label_grid(canvas: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[str], cell_h: int, cell_w: int,
+               pad: int = 1, corner: str = "") -> np.ndarray:
+    """``canvas`` (from :func:`make_grid`) with a left margin naming each row and a top margin
+    naming each column (``corner`` above the row names). Each label sits at its cell's centre
+    line; the margins are ``max label chars * 6 + 8`` px wide and 14 px high."""
+    from PIL import Image, ImageDraw
+
+    left = CHAR_W * max(len(t) for t in [*row_labels, corner]) + 8
+    top = LINE_H + 3
+    H, W = canvas.shape[:2]
+    out = np.full((H + top, W + left) + canvas.shape[2:], MARGIN_BG, dtype=np.uint8)
+    out[top:, left:] = canvas
+    img = Image.fromarray(out)
+    draw = ImageDraw.Draw(img)
+    fill = (TEXT,) * 3 if out.ndim == 3 else TEXT
+    for r, text in enumerate(row_labels):
+        y = top + pad + r * (cell_h + pad) + (cell_h - LINE_H) // 2
+        draw.text((3, y), text, fill=fill)
+    for c, text in enumerate(col_labels):
+        x = left + pad + c * (cell_w + pad) + (cell_w - CHAR_W * len(text)) // 2
+        draw.text((x, 1), text, fill=fill)
+    if corner:
+        draw.text((3, 1), corner, fill=fill)
+    return np.asarray(img)
+
+
 class SampleGridCallback(PeriodicCallback):
     """Sample grid of the teacher (top ``per_class`` rows) and the student (bottom ``per_class``
-    rows, the same noise and labels cell by cell): one column per class in ``classes``. Saved as
+    rows, the same noise and labels cell by cell): one column per class in ``classes``, each row
+    and column labelled (:func:`label_grid`; the student's rows say "stage 1" at step 0). Saved as
     ``<run dir>/samples/grid_step{step:06d}.png`` (atomically) at train start, every
     ``every_n_steps`` steps and at the end, and logged as ``samples/grid`` to W&B when a
     ``WandbLogger`` is attached. Runs on rank 0 only.
@@ -97,6 +129,7 @@ class SampleGridCallback(PeriodicCallback):
         if self._skip or not trainer.is_global_zero:
             return
         labels, noise, n_cols = self._inputs(pl_module.student, pl_module.device)
+        classes = labels[:n_cols].tolist()
         teacher = getattr(pl_module, "teacher", None)
         if self._teacher_rows is None and teacher is not None:
             self._teacher_rows = self._rows(teacher, labels, noise, n_cols)  # the teacher is frozen: once
@@ -104,6 +137,10 @@ class SampleGridCallback(PeriodicCallback):
         rows = [*(self._teacher_rows or []), *student_rows]
         pixels = make_grid(rows, self.scale, self.pad, separator_after=len(self._teacher_rows or []))
         step = trainer.global_step
+        # before any step the student is stage 1's model; after, the calibrated one
+        who = ["teacher"] * len(self._teacher_rows or []) + ["stage 1" if step == 0 else f"step {step}"] * len(student_rows)
+        cell_h, cell_w = rows[0].shape[-2] * self.scale, rows[0].shape[-1] * self.scale
+        pixels = label_grid(pixels, who, [str(c) for c in classes], cell_h, cell_w, self.pad, corner="class")
         path = save_png_atomic(pixels, run_dir(trainer, self.out_dir) / "samples" / f"grid_step{step:06d}.png")
         self.saved.append(str(path))
         caption = f"step {step}: " + ("teacher (top) vs student (bottom)" if self._teacher_rows else "student")
