@@ -27,3 +27,4 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         buf = io.BytesIO()
         torch.save(checkpoint, buf)
         write_bytes_atomic(buf.getvalue(), path)
+

@@ -97,6 +97,13 @@ def test_teacher_samples_are_cached_per_protocol(teacher, tmp_path, monkeypatch)
     assert torch.equal(again, x0) and calls == []  # read back, not sampled again
     x1, _ = reference.teacher_samples(teacher, p1, 6, tmp_path)
     assert calls == [1] and len(list(tmp_path.glob("teacher-*.pt"))) == 2 and not torch.equal(x1, x0)
+    # a damaged cache file is named, with what to do, and nothing is sampled over it silently
+    damaged = next(f for f in tmp_path.glob("teacher-*.pt") if torch.equal(torch.load(f)["samples"], x0))
+    damaged.write_bytes(damaged.read_bytes()[:300])
+    from dpq_lightning.torch_files import UnreadableFileError
+
+    with pytest.raises(UnreadableFileError, match=rf"{damaged.name}: the cached teacher samples \(delete that file"):
+        reference.teacher_samples(teacher, p0, 6, tmp_path)
     other = noisy(teacher, 0.01)  # other weights: another key
     assert reference.weights_sha256(other) != reference.weights_sha256(teacher)
     assert reference.weights_sha256(copy.deepcopy(teacher)) == reference.weights_sha256(teacher)

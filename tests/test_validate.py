@@ -56,5 +56,30 @@ def test_random_bytes_as_checkpoint_say_so(tmp_path):
     bad = tmp_path / "teacher.ckpt"
     bad.write_bytes(bytes(range(256)) * 64)
     cfg = load_config(QS, [f"output_dir={tmp_path / 'r'}", f"model.checkpoint={bad}"])
-    with pytest.raises(ValueError, match=r"teacher\.ckpt: cannot be read with torch\.load"):
+    with pytest.raises(ValueError, match=r"teacher\.ckpt: the DiT checkpoint cannot be read \(.*\); it is damaged "
+                                         r"or not a torch file: replace it") as info:
         run(cfg)
+    # one line, and no advice to load the file unsafely: not in the message, not in the chain
+    assert "\n" not in str(info.value) and "weights_only=False" not in str(info.value)
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_every_reader_of_a_torch_file_says_which_file(tmp_path):
+    """The digits classifier, a calibration checkpoint, a DiT checkpoint: random bytes give the
+    one-line error naming the file, truncated files too."""
+    from dpq_lightning.metrics.digits import load_digits_classifier
+    from dpq_lightning.torch_files import UnreadableFileError, read_torch_file
+
+    bad = tmp_path / "clf.pt"
+    bad.write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(UnreadableFileError, match=r"clf\.pt: the digits classifier \(regenerate it with"):
+        load_digits_classifier(str(bad))
+    import torch
+
+    good = tmp_path / "ok.pt"
+    torch.save({"w": torch.ones(1000)}, good)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(good.read_bytes()[:500])
+    with pytest.raises(UnreadableFileError, match=r"cut\.pt: the cache cannot be read"):
+        read_torch_file(cut, "the cache")
+    assert torch.equal(read_torch_file(good, "the cache")["w"], torch.ones(1000))

@@ -86,7 +86,10 @@ def _from_calibration_checkpoint(path: Path) -> nn.Module:
         raise FileNotFoundError(f"{path}: a calibration checkpoint is read with its run's {STAGE1_FILE} "
                                 f"(expected {stage1}); sample the run's model.dpq instead if the folder moved")
     model = load_packed(stage1)
-    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    from ..torch_files import read_torch_file
+
+    # our own Lightning checkpoint: it holds the run's config text and Lightning's state
+    state = read_torch_file(path, "the calibration checkpoint", weights_only=False)["state_dict"]
     student = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
     if any(k.startswith("rule_state.") for k in state):
         raise ValueError(f"{path}: this checkpoint's assignment rule holds mixtures, not codes (calib.assignment=soft); "

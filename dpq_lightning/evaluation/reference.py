@@ -52,17 +52,15 @@ def teacher_samples(teacher: nn.Module, protocol, chunk: int, cache_dir: str | P
     if postprocess is not None and not postprocess_key:
         raise ValueError("a postprocessed teacher set needs postprocess_key (what decodes it) for its cache key")
     from .offline import sample_n
+    from ..torch_files import read_torch_file
 
     path = None
     if cache_dir is not None:
         key = cache_key(weights_sha256(teacher), protocol, chunk, rank, world, postprocess_key)
         path = Path(cache_dir) / f"teacher-{key}.pt"
         if path.is_file():
-            try:
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as err:  # a damaged or foreign file: written atomically, so not by us half-way
-                raise RuntimeError(f"cached teacher samples {path} cannot be read ({type(err).__name__}: {err}); "
-                                   "delete that file and rerun: it is sampled again") from err
+            # a damaged or foreign file (written atomically, so not half-written by us): the error names it
+            obj = read_torch_file(path, "the cached teacher samples (delete that file and rerun: they are sampled again)")
             if obj.get("protocol") == protocol.to_dict():
                 return obj["samples"], obj["labels"]
             # a key collision with another protocol cannot happen with sha256 unless the file was edited: resample

@@ -79,7 +79,9 @@ def load_digits_classifier(path: str | os.PathLike = CLASSIFIER_PATH) -> DigitsC
             f"digits classifier checkpoint not found: {path}. Regenerate it (seconds on a CPU) with "
             f"`python {TRAIN_SCRIPT} --out {path}`."
         )
-    obj = torch.load(p, map_location="cpu", weights_only=True)
+    from ..torch_files import read_torch_file
+
+    obj = read_torch_file(p, f"the digits classifier (regenerate it with `python {TRAIN_SCRIPT} --out {path}`)")
     state = obj.get("state_dict", obj)  # a plain state dict, or a dict holding one
     model = DigitsClassifier(width=int(state["body.0.weight"].shape[0]))
     model.load_state_dict({k: v.float() for k, v in state.items()})

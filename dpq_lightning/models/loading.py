@@ -24,6 +24,8 @@ from typing import Any, Mapping
 
 import torch
 
+from ..torch_files import read_torch_file
+
 from .dit import DiT, DiTConfig, get_2d_sincos_pos_embed
 from .registry import resolve_config
 
@@ -139,12 +141,9 @@ def load_original_checkpoint(
     if not path.is_file():
         raise FileNotFoundError(_missing_original_message(path))
     cfg = resolve_config("DiT-XL/2" if config is None else config)
-    try:
-        # Training checkpoints also hold the argparse Namespace of their run; allow just that class.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # UnpicklingError, zip errors, ...: say which file and why
-        raise ValueError(f"{path}: cannot be read with torch.load(weights_only=True): {err}") from err
+    # Training checkpoints also hold the argparse Namespace of their run; allow just that class.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        obj = read_torch_file(path, "the DiT checkpoint")
     if not isinstance(obj, Mapping):
         raise CheckpointMismatchError(f"{path}: expected a state dict, got {type(obj).__name__}")
     for wrapper in ("ema", "model"):
