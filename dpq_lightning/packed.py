@@ -23,7 +23,7 @@ from .quant.accounting import in_memory_bytes
 from .quant.bitpack import bits_for, pack, unpack
 from .quant.geometry import Geometry
 from .quant.layers import PQ_MODULES, PQWeight, _code_dtype, decode_for_inference, empty_wrapper
-from .quant.layout import FORMAT, NO_CHECKSUM, metadata_for, tensor_specs
+from .quant.layout import FORMAT, METADATA_HASH_KEY, NO_CHECKSUM, metadata_for, metadata_sha256, tensor_specs
 from .quant.config import QuantConfig
 from .quant.quantize import model_meta, report_of, structure_of
 from .quant.state import QuantState, set_state, state_of
@@ -96,7 +96,12 @@ def read_metadata(path: str | os.PathLike) -> dict:
     except (SafetensorError, OSError, ValueError) as err:
         raise PackedFileError(f"{path}: not a readable packed model (truncated or corrupt?): {err}") from err
     if "dpq" not in meta:
-        raise PackedFileError(f"{path}: a safetensors file without dpq metadata; it was not written by save_packed")
+        raise PackedFileError(f"{path}: a safetensors file without dpq metadata; it was not written by save_packed "
+                              f"(or its header is damaged)")
+    want = meta.get(METADATA_HASH_KEY)
+    if want is not None and metadata_sha256(meta["dpq"]) != want:
+        raise PackedFileError(f"{path}: metadata checksum mismatch: the header changed after it was saved "
+                              f"(a flipped bit or a damaged copy)")
     try:
         doc = json.loads(meta["dpq"])
     except json.JSONDecodeError as err:
@@ -104,7 +109,14 @@ def read_metadata(path: str | os.PathLike) -> dict:
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
         raise PackedFileError(f"{path}: format {got!r}, this version reads {FORMAT!r}")
-    check_schema(doc, path)
+    if want is None and doc.get("metadata_sha256") is not None:
+        raise PackedFileError(f"{path}: the metadata's checksum is missing (damaged header)")
+    try:
+        check_schema(doc, path)
+    except (KeyError, TypeError, AttributeError, ValueError) as err:  # a file older than the metadata hash
+        if isinstance(err, PackedFileError):
+            raise
+        raise PackedFileError(f"{path}: damaged metadata ({type(err).__name__}: {err})") from None
     return doc
 
 

@@ -54,16 +54,58 @@ def _rewrite(src, dst, edit):
 
 
 def _doc_edit(fn):
+    """A document edited and re-hashed: what a writer with a bug would save (the schema check's
+    case); an edit without the new hash is a damaged header (the metadata checksum's case)."""
+    from dpq_lightning.quant.layout import METADATA_HASH_KEY, metadata_sha256
+
     def edit(meta):
         doc = json.loads(meta["dpq"])
         fn(doc)
         meta["dpq"] = json.dumps(doc)
+        meta[METADATA_HASH_KEY] = metadata_sha256(meta["dpq"])
         return meta
     return edit
 
 
+def test_every_flipped_byte_is_named_error(packed, tmp_path):
+    """A byte flipped anywhere, header (safetensors' JSON, the dpq document, its hash) or payload,
+    gives PackedFileError naming the file: never a bare KeyError, an unknown-key error without the
+    file, or a silently different model. Every 7th header byte and 40 payload bytes."""
+    raw = packed.read_bytes()
+    header = int.from_bytes(raw[:8], "little")
+    spots = list(range(0, 8 + header, 7)) + [8 + header + k * (len(raw) - 8 - header) // 40 for k in range(40)]
+    bad = tmp_path / "flip.dpq"
+    outcomes = {}
+    for i in spots:
+        data = bytearray(raw)
+        data[i] ^= 0x04
+        bad.write_bytes(bytes(data))
+        try:
+            load_packed(bad)
+            outcomes[i] = "loaded"
+        except PackedFileError as err:
+            outcomes[i] = "named" if "flip.dpq" in str(err) else f"unnamed: {err}"
+        except Exception as err:  # noqa: BLE001 - the point: no other kind of error
+            outcomes[i] = f"{type(err).__name__}: {err}"
+    wrong = {i: o for i, o in outcomes.items() if o != "named"}
+    assert len(spots) > 300 and wrong == {}, list(wrong.items())[:5]
+
+
+def test_editing_the_document_without_its_hash_is_caught(packed, tmp_path):
+    def edit(meta):
+        meta["dpq"] = meta["dpq"].replace('"kmeans_iters":2', '"kmeans_iters":3')
+        return meta
+
+    bad = _rewrite(packed, tmp_path / "edited.dpq", edit)
+    with pytest.raises(PackedFileError, match=r"edited\.dpq: metadata checksum mismatch"):
+        load_packed(bad)
+    nohash = _rewrite(packed, tmp_path / "nohash.dpq", lambda m: {"dpq": m["dpq"]})
+    with pytest.raises(PackedFileError, match=r"nohash\.dpq: the metadata's checksum is missing"):
+        load_packed(nohash)
+
+
 @pytest.mark.parametrize("name,edit,message", [
-    ("nojson", lambda m: {**m, "dpq": "{not json"}, "the dpq metadata is not valid JSON"),
+    ("nojson", lambda m: {"dpq": "{not json"}, "the dpq metadata is not valid JSON"),  # an older file, no hash
     ("nostructure", _doc_edit(lambda d: d.pop("structure")), "damaged metadata: 'structure' missing"),
     ("noclass", _doc_edit(lambda d: d["model"].pop("class")), "damaged metadata: 'model.class' missing"),
     ("badkind", _doc_edit(lambda d: next(iter(d["structure"]["pq"].values())).update(kind="bogus")),

@@ -83,8 +83,11 @@ NO_CHECKSUM = "0" * 64
 
 def metadata_for(structure: dict, model_meta: dict, quant: dict, left_float: dict,
                  checksum: str = NO_CHECKSUM) -> dict[str, str]:
-    """safetensors metadata must be ``str -> str``: one JSON document under ``"dpq"``.
-    ``checksum``: sha256 (hex) of the tensor payload, verified on load."""
+    """safetensors metadata must be ``str -> str``: one JSON document under ``"dpq"`` and its own
+    sha256 under ``"dpq_sha256"``. ``checksum``: sha256 (hex) of the tensor payload, verified on
+    load; the document's hash covers the document, and so the payload's hash too, so a flipped
+    byte anywhere in the metadata is caught before any of it is read. The document says it has a
+    hash beside it (``metadata_sha256``), so losing the hash's key is caught as well."""
     doc = {
         "format": FORMAT,
         "model": model_meta,
@@ -92,5 +95,16 @@ def metadata_for(structure: dict, model_meta: dict, quant: dict, left_float: dic
         "quant": quant,
         "left_float": left_float,
         "payload_sha256": checksum,
+        "metadata_sha256": METADATA_HASH_KEY,
     }
-    return {"dpq": json.dumps(doc, separators=(",", ":"), sort_keys=True)}
+    text = json.dumps(doc, separators=(",", ":"), sort_keys=True)
+    return {"dpq": text, METADATA_HASH_KEY: metadata_sha256(text)}
+
+
+METADATA_HASH_KEY = "dpq_sha256"
+
+
+def metadata_sha256(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
