@@ -73,9 +73,11 @@ class TrainerConfig:
 
 @dataclass
 class WandbConfig:
-    """Weights & Biases logging through Lightning's WandbLogger (CSV logs when disabled)."""
+    """Weights & Biases logging through Lightning's WandbLogger, beside the CSV log. On by default
+    in offline mode: runs land in ``<output_dir>/wandb/`` and ``wandb sync`` uploads them;
+    ``wandb.enabled=false`` turns it off, ``wandb.mode=online`` logs live."""
 
-    enabled: bool = False
+    enabled: bool = True
     project: str = "dpq_lightning"
     entity: str | None = None
     group: str | None = None

@@ -158,6 +158,9 @@ def test_same_experiment_ignores_names_and_keys_the_rule_never_reads():
     assert cfg("dpq_2bit.yaml").calib.assignment == "frozen"
     assert same_experiment(frozen, cfg("dpq_2bit.yaml", "name=other", "output_dir=/tmp/x", "eval.final_teacher=false",
                                        "calib.soft_lr=0.5", "calib.assign_every=7"))
+    # logging is not computing: W&B on (the default, offline) or off is the same run
+    assert cfg("dpq_2bit.yaml").wandb.enabled is True and cfg("dpq_2bit.yaml").wandb.mode == "offline"
+    assert same_experiment(frozen, cfg("dpq_2bit.yaml", "wandb.enabled=false", "wandb.project=p"))
     assert not same_experiment(frozen, cfg("dpq_2bit.yaml", "calib.lr=0.002"))
     assert not same_experiment(frozen, cfg("dpq_2bit.yaml", "seed=1"))
     soft = to_yaml(cfg("dpq_1bit.yaml", "calib.assignment=soft"))

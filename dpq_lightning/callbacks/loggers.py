@@ -1,4 +1,5 @@
-"""The run's logger: Weights & Biases when ``wandb.enabled`` (offline mode by default), else CSV.
+"""The run's loggers: the CSV log always (``<out>/logs/``), and Weights & Biases when
+``wandb.enabled`` (the default, offline mode: ``<out>/wandb/``, uploaded by ``wandb sync``).
 Also :func:`quiet_lightning`: the two lines Lightning prints on every run that say nothing about it."""
 
 from __future__ import annotations
@@ -10,15 +11,24 @@ from pathlib import Path
 from ..config import WandbConfig
 
 
-def make_logger(wb: WandbConfig, out: Path, name: str):
-    if not wb.enabled:
-        from lightning.pytorch.loggers import CSVLogger
+def make_logger(wb: WandbConfig, out: Path, name: str) -> list:
+    from lightning.pytorch.loggers import CSVLogger
 
-        return CSVLogger(save_dir=str(out), name="logs")
-    from lightning.pytorch.loggers import WandbLogger
+    loggers = [CSVLogger(save_dir=str(out), name="logs")]
+    if wb.enabled:
+        from lightning.pytorch.loggers import WandbLogger
 
-    return WandbLogger(project=wb.project, entity=wb.entity, group=wb.group, tags=list(wb.tags), name=name,
-                       save_dir=str(out), mode=wb.mode)
+        loggers.append(WandbLogger(project=wb.project, entity=wb.entity, group=wb.group, tags=list(wb.tags), name=name,
+                                   save_dir=str(out), mode=wb.mode))
+    return loggers
+
+
+def wandb_note(wb: WandbConfig, out: Path) -> str | None:
+    """The line that tells the user where the W&B run is and how to upload it (offline mode)."""
+    if not wb.enabled or wb.mode != "offline":
+        return None
+    return (f"W&B: offline run in {out / 'wandb'}; upload it with: wandb sync {out / 'wandb'}/offline-run-*  "
+            f"(turn W&B off with wandb.enabled=false)")
 
 
 class _DropTips(logging.Filter):

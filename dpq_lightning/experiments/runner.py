@@ -44,7 +44,9 @@ def resolved(entry: Entry, out: Path, seed: int, overrides: list[str]):
 
     if not entry.config.is_file():
         raise FileNotFoundError(f"{entry.name}: no config {entry.config}")
-    return load_config(entry.config, [f"output_dir={out}", f"seed={seed}", f"quant.seed={seed}", *overrides])
+    # the studies' records are their log: no W&B run per entry (a key=value override turns it on)
+    return load_config(entry.config, [f"output_dir={out}", f"seed={seed}", f"quant.seed={seed}", "wandb.enabled=false",
+                                      *overrides])
 
 
 def share_stage1(key: str, seed_dir: Path, out: Path) -> bool:
@@ -132,7 +134,8 @@ def resumed_step(cfg, out: Path) -> int:
 # Keys that name a run or say where it writes, not what it computes; eval.final_teacher only adds
 # the teacher's numbers (measured once per list) next to the student's; eval.teacher_cache only says
 # where the teacher's samples are kept.
-IDENTITY_KEYS = (("name",), ("output_dir",), ("eval", "final_teacher"), ("eval", "teacher_cache"))
+# Keys that name, place or log a run but change nothing it computes.
+IDENTITY_KEYS = (("name",), ("output_dir",), ("eval", "final_teacher"), ("eval", "teacher_cache"), ("wandb",))
 
 
 def experiment_key(cfg) -> dict:

@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from ..calibration import DPQCalibration
 from ..callbacks import RequeueAtStepEnd, build_callbacks, make_logger, resume_path
-from ..callbacks.loggers import quiet_lightning
+from ..callbacks.loggers import quiet_lightning, wandb_note
 from ..callbacks.progress import StepProgressBar
 from ..checkpoint_io import AtomicCheckpointIO
 from ..config import RunConfig, TrainerConfig, save_resolved, to_yaml
@@ -72,6 +72,12 @@ def run(cfg: RunConfig, callbacks: list | None = None) -> dict:
             metrics.update({f"soft/{k}": v for k, v in before_hardening(module.student, cfg.eval).items()})
         summary = finish_run(cfg, out, module.export_student(), module.teacher, stage1_report, trainer.global_step,
                              metrics, trainable_params=trained)
+        if (line := wandb_note(cfg.wandb, out)) is not None:
+            print(line)
+    if cfg.wandb.enabled and trainer.is_global_zero:
+        import wandb
+
+        wandb.finish()  # Lightning leaves the run open: the next run in this process would join it
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # gloo can abort at exit otherwise
     return summary
