@@ -28,7 +28,6 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 PEAK_BF16 = {"A100 (SXM, 312 TFLOP/s bf16 dense)": 312e12, "H100 (SXM, 989 TFLOP/s bf16 dense)": 989e12}
 MFU = (0.3, 0.4, 0.5)

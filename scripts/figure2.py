@@ -37,8 +37,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a file from anywhere: the package is importable either way
-    sys.path.insert(0, str(ROOT))
 
 METHODS = ("ddim", "ddpm")
 FOLLOWS = ("teacher", "student")
