@@ -128,3 +128,24 @@ def test_the_flip_table_compares_earlier_and_new_verdicts():
     assert "| 3-bit default | frozen | no verdict yet | not yet decided |" in table
     assert "| Claim 1 | NOT HELD (seeds 0, 1, 2) | TIE | yes |" in table
     assert "| Claim 3 | HELD (seeds 0, 1, 2) | HELD | no |" in table
+
+
+def test_a_candidate_with_fewer_seeds_waits_and_the_verdict_says_so():
+    """Seeds 1-2 of the contenders ran first: the rule decides among the candidates measured on
+    every seed and names the ones still waiting, instead of comparing unlike sets."""
+    from dpq_lightning.experiments.paired_report import decide_level
+
+    base = [2.0, 2.1, 1.9, 2.05, 2.0, 1.95]
+    recs = records_of({"dpq_1bit_lowrank_same_size": [v + 1.5 for v in base],
+                       "dpq_1bit_lowrank_same_size_ddpm_only": base})
+    recs["dpq_1bit_frozen"] = {0: fake_record({(0, 0): 1.0, (0, 1): 1.1})}  # lowest, but seed 0 only
+    for by in recs.values():
+        for r in by.values():
+            r["seconds"] = 60.0
+            for ns in r["summary"]["eval"]["noise_sets"]:
+                ns["student"].update(mse_to_teacher=0.03, match_teacher=0.99, agreement=0.99)
+    lines, pick = decide_level(1, recs, floor=0.08)
+    assert pick.choice == "lowrank_same_size_ddpm_only"
+    text = "\n".join(lines)
+    assert "not competing yet (measured on fewer seeds than the others): frozen" in text
+    assert not any(ln.startswith("- frozen") for ln in lines)

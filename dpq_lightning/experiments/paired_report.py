@@ -127,9 +127,14 @@ def decide_level(bits: int, records: dict[str, dict[int, dict]], floor: float) -
     lines += ["", f"**Rule ({DECIDING}, lower is better; ties kept)**: {pick.why}."]
     if pick.best is not None:
         best = cands[pick.best]
+        keys = set().union(*(c.values.keys() for c in cands.values()))
         for r, c in sorted(cands.items(), key=lambda kv: kv[1].mean):
-            if r != pick.best:
+            if r != pick.best and set(c.values) == keys:
                 lines.append(f"- {compare(c, best, floor).text(r, pick.best)}")
+        waiting = sorted(r for r, c in cands.items() if set(c.values) != keys)
+        if waiting:
+            lines.append(f"- not competing yet (measured on fewer seeds than the others): {', '.join(waiting)}; "
+                         f"the verdict is among the candidates measured on every seed")
     else:
         seeds = sorted({s for c in cands.values() for s, _ in c.values})
         lines.append(f"- provisional: seeds {', '.join(map(str, seeds)) or 'none'} measured; the lowest mean so far is "
