@@ -12,11 +12,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_lists_name_existing_configs_and_reject_unknown_ones():
-    from dpq_lightning.experiments.redecide import LEVELS, entries
+    from dpq_lightning.experiments.redecide import LEVELS, LEVERS, entries
 
     every = entries(ROOT / "configs" / "mini")
     names = [e.name for e in every]
-    assert len(names) == len(set(names)) == 4 + sum(len(v) for v in LEVELS.values()) + 3 * 5 + 5
+    assert len(names) == len(set(names)) == (4 + sum(len(v) for v in LEVELS.values()) + 3 * 5 + 5
+                                             + sum(len(v) for v in LEVERS.values()))
+    assert {"dpq_1bit_lever_data_aware", "dpq_1bit_lever_repoint_dead"} <= set(names)
     assert {"dpq_1bit_official", "dpq_2bit_official", "dpq_3bit_official", "vq_3bit", "dpq_3bit_stage1",
             "dpq_1bit_official_6400", "ladder_pq_8bit"} <= set(names)
     with pytest.raises(ValueError, match="unknown list 'grid'"):
@@ -149,3 +151,25 @@ def test_a_candidate_with_fewer_seeds_waits_and_the_verdict_says_so():
     text = "\n".join(lines)
     assert "not competing yet (measured on fewer seeds than the others): frozen" in text
     assert not any(ln.startswith("- frozen") for ln in lines)
+
+
+def test_levers_are_paired_with_their_base():
+    from dpq_lightning.experiments.paired_report import lever_lines
+
+    base = [2.0, 2.1, 1.9, 2.05, 2.0, 1.95]
+    recs = records_of({"dpq_1bit_lowrank_same_size_ddpm_only": base,
+                       "dpq_1bit_lever_repoint_dead": [v - 0.5 for v in base],   # better beyond the noise
+                       "dpq_1bit_lever_data_aware": [v + 0.01 for v in base]})  # a tie
+    for by in recs.values():
+        for r in by.values():
+            r["seconds"] = 60.0
+            for ns in r["summary"]["eval"]["noise_sets"]:
+                ns["student"].update(mse_to_teacher=0.03, match_teacher=0.99, agreement=0.99)
+    text = "\n".join(lever_lines(1, recs, floor=0.08))
+    assert "## Levers at 1 bit, on lowrank_same_size_ddpm_only (same total size)" in text
+    assert "| lowrank_same_size_ddpm_only (base) |" in text and "| repoint_dead |" in text
+    verdicts = [ln for ln in text.splitlines() if ln.startswith("- ")]
+    assert len(verdicts) == 2
+    assert verdicts[1] == "- repoint_dead below the base by 0.50 (noise ±0.08, 6 pairs)"
+    assert "data_aware" in verdicts[0] and "tie" in verdicts[0]
+    assert lever_lines(1, {"dpq_1bit_lowrank_same_size_ddpm_only": recs["dpq_1bit_lowrank_same_size_ddpm_only"]}, 0.08) == []

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from .noise import Cell, compare, pick_default
-from .redecide import INCUMBENT, LADDER, LENGTH, LEVELS, NOT_CANDIDATES
+from .redecide import INCUMBENT, LADDER, LENGTH, LEVELS, LEVER_BASE, LEVERS, NOT_CANDIDATES
 
 METRICS = ("fid_to_teacher", "mse_to_teacher", "match_teacher", "fid_proxy", "agreement")
 DECIDING = "fid_to_teacher"  # the number the rule and the claims decide by (lower is better)
@@ -140,6 +140,26 @@ def decide_level(bits: int, records: dict[str, dict[int, dict]], floor: float) -
         lines.append(f"- provisional: seeds {', '.join(map(str, seeds)) or 'none'} measured; the lowest mean so far is "
                      + (min(cands, key=lambda r: cands[r].mean) if cands else "-") + ".")
     return lines, pick
+
+
+def lever_lines(bits: int, records: dict[str, dict[int, dict]], floor: float) -> list[str]:
+    """The levers of ``bits`` against their base, paired run by run (empty until one has run)."""
+    base = f"dpq_{bits}bit_{LEVER_BASE[bits]}"
+    names = [f"dpq_{bits}bit_lever_{lv}" for lv in LEVERS[bits] if f"dpq_{bits}bit_lever_{lv}" in records]
+    if not names:
+        return []
+    lines = [f"## Levers at {bits} bit{'s' if bits > 1 else ''}, on {LEVER_BASE[bits]} (same total size)", "",
+             *table(([base] if base in records else []) + names, records,
+                    lambda n: n.split("lever_", 1)[1] if "lever_" in n else f"{LEVER_BASE[bits]} (base)"), ""]
+    ref = cell(records[base], DECIDING) if base in records else None
+    for n in names:
+        c = cell(records[n], DECIDING)
+        if ref is None or c is None:
+            continue
+        common = set(c.values) & set(ref.values)  # paired key by key: the seeds both have run
+        verdict = compare(Cell({k: c.values[k] for k in common}), Cell({k: ref.values[k] for k in common}), floor)
+        lines.append(f"- {verdict.text(n.split('lever_', 1)[1], 'the base')}")
+    return lines + [""]
 
 
 def ladder_lines(records: dict[str, dict[int, dict]]) -> list[str]:
@@ -286,6 +306,8 @@ def write_reports(results: Path, out: Path) -> Path:
     for b in sorted(LEVELS):
         lines, picks[b] = decide_level(b, records, floor)
         doc += [f"## {b} bit{'s' if b > 1 else ''} (incumbent: {INCUMBENT[b]})", "", *lines, ""]
+    for b in sorted(LEVERS):
+        doc += lever_lines(b, records, floor)
     length = [n for base, pts in LENGTH.items() for _, n in pts if f"dpq_1bit_{n}" in records]
     if length:
         doc += ["## Length curves (1 bit)", ""]

@@ -14,6 +14,8 @@ lists:
   recipe at equal size (claim 1), PQ without the pool, calibrated (claim 2: what the pool costs),
   DPQ and VQ after stage 1 alone (claim 3: what calibration gains).
 - ``length``: the length curves of the 1-bit winner and of ``official`` (seed 0 first).
+- ``levers``: the levers that may close the gap to the teacher (:data:`LEVERS`), each on the level's
+  candidate (:data:`LEVER_BASE`) at its total size, compared with it run by run.
 """
 
 from __future__ import annotations
@@ -40,7 +42,11 @@ LADDER = (8, 4, 3, 2)
 # Length curves: base recipe -> (steps, recipe file suffix); the base's own length is its first point.
 LENGTH = {"lowrank_same_size": ((1600, "lowrank_same_size_1600"), (6400, "lowrank_same_size_6400")),
           "official": ((400, "official_400"), (1600, "official_1600"), (6400, "official_6400"))}
-LISTS = ("ladder", "recipes", "schemes", "length")
+# Issue 26's levers, each applied to the level's candidate at its total size (configs/mini/levers/):
+# data-aware stage 1 (b), with error feedback, dead pool slots re-pointed (d), and b + d together.
+LEVER_BASE = {1: "lowrank_same_size_ddpm_only"}
+LEVERS = {1: ("data_aware", "error_feedback", "repoint_dead", "all_stage1")}
+LISTS = ("ladder", "recipes", "schemes", "length", "levers")
 # The grid's cells the claims need, per level: configs/mini/<cell>_<b>bit.yaml.
 SCHEMES = ("dpq", "vq", "pq", "dpq_stage1", "vq_stage1")
 
@@ -65,6 +71,10 @@ def entries(configs: Path, lists: tuple[str, ...] = LISTS, bits: tuple[int, ...]
             out += [Entry(cell_name(s, b), configs / f"{cell_name(s, b)}.yaml",
                           {"list": "schemes", "bits": b, "scheme": s.split("_")[0].upper(),
                            "recipe": "stage1" if s.endswith("stage1") else "cell"}) for s in SCHEMES]
+        if "levers" in lists and b in LEVERS:
+            out += [Entry(f"dpq_{b}bit_lever_{lv}", configs / "levers" / f"dpq_{b}bit_{lv}.yaml",
+                          {"list": "levers", "bits": b, "scheme": "DPQ", "recipe": f"{LEVER_BASE[b]}+{lv}"})
+                    for lv in LEVERS[b]]
         if "length" in lists and b == 1:
             out += [Entry(f"dpq_1bit_{name}", configs / "recipes" / f"dpq_1bit_{name}.yaml",
                           {"list": "length", "bits": 1, "scheme": "DPQ", "recipe": base, "steps": n})
