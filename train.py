@@ -41,12 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         ev = summary.get("eval", {})  # the final evaluation of the exported model, when run
         m.update({f"val/{k}": v for k, v in ev.get("student", {}).items()})
         m.update({f"val/teacher_{k}": v for k, v in ev.get("teacher", {}).items()})
-        rows = [(label, m.get(f"val/teacher_{key}"), m.get(f"val/{key}")) for label, key in
-                (("FID-proxy", "fid_proxy"), ("IS-proxy", "is_proxy"), ("agreement", "agreement"))]
+        from dpq_lightning.metrics.catalog import PAIRED, PROXY
+
+        rows = [(x.label, m.get(f"val/teacher_{x.key}"), m.get(f"val/{x.key}")) for x in PROXY if x.printed]
         # against the teacher's samples from the same noise: the teacher's own column is exact by definition
-        rows += [(label, ideal, m.get(f"val/{key}")) for label, key, ideal in
-                 (("to teacher: Frechet", "fid_to_teacher", 0.0), ("to teacher: MSE", "mse_to_teacher", 0.0),
-                  ("to teacher: match", "match_teacher", 1.0)) if f"val/{key}" in m]
+        rows += [(x.label, x.ideal, m.get(f"val/{x.key}")) for x in PAIRED if f"val/{x.key}" in m]
         if any(v is not None for _, _, v in rows):
             sets = len(ev.get("noise_sets", [])) or 1
             print(f"{'metric':<20} {'FP teacher':>11} {'compressed':>11}   (mean over {sets} eval-noise set"

@@ -14,7 +14,7 @@ from dpq_lightning.experiments import report as R
 
 
 def _row(scheme, bits, fid, eff, traj=None):
-    return {"scheme": scheme, "bits": bits, "fid": fid, "is_mean": 5.0, "agreement": 0.5, "effective_bits": eff,
+    return {"scheme": scheme, "bits": bits, "fid_proxy": fid, "is_proxy": 5.0, "agreement": 0.5, "effective_bits": eff,
             "ratio": 32 / eff, "trajectory": traj}
 
 
@@ -48,7 +48,7 @@ def test_claim1_fails_when_sizes_differ_by_more_than_5_percent():
 
 def test_claim1_needs_the_gap_to_grow():
     rows = _rows()
-    C.get(rows, "VQ+calib", 1)["fid"] = 50.0  # calibrated VQ/DPQ at 1 bit 50/45 = 1.11x < 2 bit 100/25 = 4x
+    C.get(rows, "VQ+calib", 1)["fid_proxy"] = 50.0  # calibrated VQ/DPQ at 1 bit 50/45 = 1.11x < 2 bit 100/25 = 4x
     assert C.claim1(rows)[0] is False
 
 
@@ -64,7 +64,7 @@ def test_claim2_needs_24x_and_a_cheap_pool():
 
 def test_claim3_names_the_failing_level_and_seed():
     bad = _rows(1)
-    C.get(bad, "DPQ+calib", 2)["fid"] = 250.0  # worse than its stage-1 start (101)
+    C.get(bad, "DPQ+calib", 2)["fid_proxy"] = 250.0  # worse than its stage-1 start (101)
     c3 = C.check_all({0: _rows(0), 1: bad})[2]
     assert c3["verdict"] == "MIXED: held on seed(s) 0, not on seed(s) 1"
     assert "2 bit DPQ: 101.0 -> 250.0" in c3["seeds"][1][1]
@@ -88,7 +88,7 @@ def _write_seed(folder, seed, rows, protocol_steps=50, mtime=None):
         calibrated = r["scheme"].endswith("+calib")
         scheme = r["scheme"].replace("+calib", "")
         name = f"{scheme.lower()}_{r['bits']}bit" + ("" if calibrated else "_stage1")
-        ev = {"student": {"fid_proxy": r["fid"], "is_proxy": 5.0, "agreement": 0.5},
+        ev = {"student": {"fid_proxy": r["fid_proxy"], "is_proxy": 5.0, "agreement": 0.5},
               "protocol": {"sampling_steps": protocol_steps}, "trajectory": {"student": r["trajectory"]}}
         if not names:
             ev["teacher"] = {"fid_proxy": 4.0, "is_proxy": 9.0, "agreement": 0.99}
@@ -110,9 +110,9 @@ def test_merge_uses_only_seeds_with_the_newest_protocol(tmp_path):
     _write_seed(tmp_path, 1, _rows(1), mtime=now)
     rows_by_seed, metas, left = R.load_all(tmp_path)
     assert list(rows_by_seed) == [0, 1] and left == ["seed2"]
-    assert C.get(rows_by_seed[0], "FP", 32)["fid"] == 4.0  # the teacher row comes from the first cell
+    assert C.get(rows_by_seed[0], "FP", 32)["fid_proxy"] == 4.0  # the teacher row comes from the first cell
     vq1 = C.get(R.merged(rows_by_seed), "VQ", 1)
-    assert vq1["fid"] == pytest.approx(600.5) and vq1["fid_seeds"] == [600.0, 601.0]
+    assert vq1["fid_proxy"] == pytest.approx(600.5) and vq1["fid_proxy_seeds"] == [600.0, 601.0]
 
 
 def test_missing_results_is_a_clear_error(tmp_path):

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from dpq_lightning.data.digits import load_digits_tensors
+from dpq_lightning.metrics.catalog import METRICS
 from dpq_lightning.metrics import (
     classifier_accuracy,
     digits_split,
@@ -59,21 +60,21 @@ def test_proxy_metrics_reference_values(classifier, digits):
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     i = perm[:1000]
     real = proxy_metrics(x[i], y[i], classifier)  # real defaults to all 1797 digits
-    assert set(real) == {"fid", "kid_mean", "kid_std", "is_mean", "is_std", "agreement"}
-    assert 0 <= real["fid"] < 10
+    assert set(real) == {"fid_proxy", "kid_proxy", "kid_proxy_std", "is_proxy", "is_proxy_std", "agreement"}
+    assert 0 <= real["fid_proxy"] < 10
     assert real["agreement"] >= 0.97
-    assert real["is_mean"] > 5  # 10 balanced, confidently classified classes: at most 10
+    assert real["is_proxy"] > 5  # 10 balanced, confidently classified classes: at most 10
     noise = torch.randn(1000, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     bad = proxy_metrics(noise, y[i], classifier, real=x, kid_subsets=20)
-    assert bad["fid"] > 100 and bad["agreement"] < 0.3 and bad["is_mean"] < real["is_mean"]
+    assert bad["fid_proxy"] > 100 and bad["agreement"] < 0.3 and bad["is_proxy"] < real["is_proxy"]
     # KID of two disjoint halves of the real digits: unbiased, so near 0 next to noise's.
     a, b = perm[:898], perm[898:]
     halves = proxy_metrics(x[a], y[a], classifier, real=x[b], kid_subsets=20)
-    assert abs(halves["kid_mean"]) < 0.01 * bad["kid_mean"]
-    assert halves["fid"] < 10
+    assert abs(halves["kid_proxy"]) < 0.01 * bad["kid_proxy"]
+    assert halves["fid_proxy"] < 10
     # identical sets; KID subsets and IS splits come from a fixed seed, so results repeat
     small = proxy_metrics(x[:200], y[:200], classifier, real=x[:200], kid_subsets=5)
-    assert abs(small["fid"]) < 1e-6
+    assert abs(small["fid_proxy"]) < 1e-6
     assert proxy_metrics(x[:200], y[:200], classifier, real=x[:200], kid_subsets=5) == small
 
 
@@ -204,10 +205,12 @@ def test_evaluate_script_on_digits_teacher(tmp_path):
     assert (p["labels"], p["noise"], p["clip_denoised"]) == ("cyclic", "per_sample", True)  # from the config object
     assert "1797" in p["reference"] and p["metric"] == "proxy" and p["model"].endswith("digits_teacher.pt")
     m = doc["metrics"]
-    assert set(m) == {"fid", "kid_mean", "kid_std", "is_mean", "is_std", "agreement",
+    # one name per number: the FID-proxy is fid_proxy here as in summary.json (metrics/catalog.py)
+    assert set(m) == {"fid_proxy", "kid_proxy", "kid_proxy_std", "is_proxy", "is_proxy_std", "agreement",
                       "fid_to_teacher", "mse_to_teacher", "match_teacher"}
+    assert set(m) - {"kid_proxy_std", "is_proxy_std"} <= set(METRICS)
     assert m["mse_to_teacher"] == 0.0 and m["match_teacher"] == 1.0  # paired with the shipped teacher: itself
-    assert np.isfinite(m["fid"]) and m["fid"] < 200  # a trained teacher, 10 DDIM steps: far from noise
+    assert np.isfinite(m["fid_proxy"]) and m["fid_proxy"] < 200  # a trained teacher, 10 DDIM steps: far from noise
     assert m["agreement"] > 0.3  # chance is 0.1
     with np.load(npz) as z:
         assert z["arr_0"].shape == (40, 8, 8, 3) and z["arr_0"].dtype == np.uint8
@@ -366,3 +369,25 @@ def test_readme_step6_evaluate_packed_latent_model(tmp_path, digits):
 def test_inception_weights_missing_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"Inception weights not found: .*nope\.pth"):
         inception_extractor(tmp_path / "nope.pth")
+
+
+def test_one_metric_list_names_every_number_the_evaluations_report():
+    """metrics/catalog.py: the proxy's and the paired metrics' keys are the catalog's, each with
+    its direction; the summary's std companions are the only extra keys."""
+    import torch
+
+    from dpq_lightning.data.digits import load_digits_tensors
+    from dpq_lightning.metrics import load_digits_classifier, proxy_metrics
+    from dpq_lightning.metrics.catalog import PAIRED, PROXY, metric
+    from dpq_lightning.metrics.paired import paired_metrics
+
+    x, y = load_digits_tensors()
+    clf = load_digits_classifier()
+    got = {**proxy_metrics(x[:300], y[:300], clf, kid_subsets=5), **paired_metrics(x[:300], x[300:600], clf)}
+    assert set(got) == {m.key for m in (*PROXY, *PAIRED)} | {"kid_proxy_std", "is_proxy_std"}
+    assert metric("match_teacher").better(0.99, 0.98) and metric("fid_to_teacher").better(0.5, 0.6)
+    assert not metric("fid_proxy").better(5.0, 4.0) and metric("is_proxy").better(9.0, 8.0)
+    assert [m.label for m in PROXY if m.printed] == ["FID-proxy", "IS-proxy", "agreement"]  # train.py's rows
+    with pytest.raises(KeyError, match="no metric 'fid_proxyy'; known: fid_proxy, is_proxy"):
+        metric("fid_proxyy")
+    assert torch.isfinite(torch.tensor(list(got.values()))).all()

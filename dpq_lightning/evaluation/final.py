@@ -31,10 +31,7 @@ def proxy_metrics_of(samples: torch.Tensor, labels: torch.Tensor, classifier: nn
     """FID/IS/KID-proxy and class agreement of digits ``samples`` against all real digits."""
     from ..metrics import proxy_metrics
 
-    r = proxy_metrics(samples.clamp(-1, 1), labels.cpu(), classifier)
-    return {"fid_proxy": float(r["fid"]), "is_proxy": float(r["is_mean"]), "is_proxy_std": float(r["is_std"]),
-            "kid_proxy": float(r["kid_mean"]), "kid_proxy_std": float(r["kid_std"]),
-            "agreement": float(r["agreement"])}
+    return {k: float(v) for k, v in proxy_metrics(samples.clamp(-1, 1), labels.cpu(), classifier).items()}
 
 
 def _samples(model: nn.Module, cfg: EvalConfig) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,7 @@
 """The paper's four claims, checked against one seed's grid rows, with the criterion stated.
 
-A row is ``{"scheme": "VQ" | "PQ" | "DPQ" | "VQ+calib" | "DPQ+calib" | "FP", "bits", "fid",
-"is_mean", "agreement", "effective_bits", "ratio", "trajectory"}`` (:func:`.report.rows_of`);
+A row is ``{"scheme": "VQ" | "PQ" | "DPQ" | "VQ+calib" | "DPQ+calib" | "FP", "bits", "fid_proxy",
+"is_proxy", "agreement", "effective_bits", "ratio", "trajectory"}`` (:func:`.report.rows_of`);
 ``trajectory`` is ``[steps][blocks]`` relative block errors along the student's own trajectory.
 Each check returns ``(held, text)``: the verdict and the numbers it rests on, so a reader can
 disagree with the criterion but not with the arithmetic.
@@ -30,8 +30,8 @@ def growth(err: list[list[float]]) -> float:
 
 def pair_text(vq: dict, dpq: dict) -> str:
     size = dpq["effective_bits"] / vq["effective_bits"] - 1
-    return (f"VQ {vq['fid']:.1f} at {vq['effective_bits']:.3f} eff. bits vs DPQ {dpq['fid']:.1f} at "
-            f"{dpq['effective_bits']:.3f} (sizes {100 * size:+.1f}%; VQ/DPQ FID {vq['fid'] / dpq['fid']:.2f}x)")
+    return (f"VQ {vq['fid_proxy']:.1f} at {vq['effective_bits']:.3f} eff. bits vs DPQ {dpq['fid_proxy']:.1f} at "
+            f"{dpq['effective_bits']:.3f} (sizes {100 * size:+.1f}%; VQ/DPQ FID {vq['fid_proxy'] / dpq['fid_proxy']:.2f}x)")
 
 
 def claim1(rows: list[dict]) -> tuple[bool, str]:
@@ -44,9 +44,9 @@ def claim1(rows: list[dict]) -> tuple[bool, str]:
             if vq is None or dpq is None:
                 continue
             equal = abs(dpq["effective_bits"] / vq["effective_bits"] - 1) <= EQUAL_SIZE
-            held &= equal and dpq["fid"] < vq["fid"]
+            held &= equal and dpq["fid_proxy"] < vq["fid_proxy"]
             if suffix:
-                gaps[b] = vq["fid"] / dpq["fid"]
+                gaps[b] = vq["fid_proxy"] / dpq["fid_proxy"]
             lines.append(f"{b} bit{' calibrated' if suffix else ' stage 1'}: {pair_text(vq, dpq)}"
                          + ("" if equal else " NOT equal size"))
     grows = 1 in gaps and 2 in gaps and gaps[1] > gaps[2]
@@ -61,10 +61,10 @@ def claim2(rows: list[dict]) -> tuple[bool, str]:
         pq, dpq = get(rows, "PQ", b), get(rows, "DPQ", b)
         if pq is None or dpq is None:
             continue
-        cost = dpq["fid"] / pq["fid"]
+        cost = dpq["fid_proxy"] / pq["fid_proxy"]
         held &= cost <= 1.5
         lines.append(f"{b} bit: {pq['effective_bits']:.2f} -> {dpq['effective_bits']:.2f} eff. bits "
-                     f"({pq['ratio']:.1f}x -> {dpq['ratio']:.1f}x), FID-proxy {pq['fid']:.1f} -> {dpq['fid']:.1f} "
+                     f"({pq['ratio']:.1f}x -> {dpq['ratio']:.1f}x), FID-proxy {pq['fid_proxy']:.1f} -> {dpq['fid_proxy']:.1f} "
                      f"({cost:.2f}x)")
     one = get(rows, "DPQ", 1)
     if one is not None:
@@ -81,8 +81,8 @@ def claim3(rows: list[dict]) -> tuple[bool, str]:
             if before is None or after is None:
                 continue
             if s == "DPQ":
-                held &= after["fid"] < before["fid"]
-            lines.append(f"{b} bit {s}: {before['fid']:.1f} -> {after['fid']:.1f}")
+                held &= after["fid_proxy"] < before["fid_proxy"]
+            lines.append(f"{b} bit {s}: {before['fid_proxy']:.1f} -> {after['fid_proxy']:.1f}")
     return held, "; ".join(lines)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..metrics.catalog import metric as catalog_metric
 from .noise import Cell, compare, pick_default
 from .redecide import INCUMBENT, LADDER, LENGTH, LEVELS, LEVER_BASE, LEVERS, NOT_CANDIDATES
 
@@ -175,7 +176,7 @@ def ladder_lines(records: dict[str, dict[int, dict]]) -> list[str]:
                           for ns in noise_sets(rec) if ns["seed"] == es), None) for n in names]
             if any(v is None for v in vals):
                 continue
-            higher_is_better = metric == "match_teacher"
+            higher_is_better = not catalog_metric(metric).lower_is_better
             ordered = all((a >= b) if higher_is_better else (a <= b) for a, b in zip(vals, vals[1:]))
             lines.append(f"- {metric}, eval seed {es}: " + " < ".join(f"{v:.4g}" for v in vals)
                          .replace(" < ", " > " if higher_is_better else " < ")

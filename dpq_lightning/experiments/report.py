@@ -23,7 +23,7 @@ def row_of(record: dict) -> dict:
     s = record["summary"]
     ev = s["eval"]["student"]
     label = record["scheme"] + ("+calib" if record["calibrated"] else "")
-    return {"scheme": label, "bits": record["bits"], "fid": ev["fid_proxy"], "is_mean": ev["is_proxy"],
+    return {"scheme": label, "bits": record["bits"], "fid_proxy": ev["fid_proxy"], "is_proxy": ev["is_proxy"],
             "agreement": ev["agreement"], "effective_bits": s["size"]["effective_bits"], "ratio": s["size"]["ratio"],
             "trajectory": s["eval"].get("trajectory", {}).get("student"), "seconds": record["seconds"]}
 
@@ -35,7 +35,7 @@ def load_seed(folder: Path) -> tuple[list[dict], dict, str]:
     records = seed_records(folder.parent, int(folder.name[4:]), meta)
     rows = [row_of(r) for r in records]
     teacher = next(r["summary"]["eval"]["teacher"] for r in records if "teacher" in r["summary"]["eval"])
-    rows.insert(0, {"scheme": "FP", "bits": 32, "fid": teacher["fid_proxy"], "is_mean": teacher["is_proxy"],
+    rows.insert(0, {"scheme": "FP", "bits": 32, "fid_proxy": teacher["fid_proxy"], "is_proxy": teacher["is_proxy"],
                     "agreement": teacher["agreement"], "effective_bits": 32.0, "ratio": 1.0, "trajectory": None})
     return rows, meta, protocol_key(records)
 
@@ -78,16 +78,16 @@ def load_all(results: Path) -> tuple[dict[int, list[dict]], dict[int, dict], lis
 
 
 def merged(rows_by_seed: dict[int, list[dict]]) -> list[dict]:
-    """Rows averaged over seeds; ``fid_seeds`` keeps each seed's FID-proxy."""
+    """Rows averaged over seeds; ``fid_proxy_seeds`` keeps each seed's FID-proxy."""
     first = next(iter(rows_by_seed.values()))
     out = []
     for r0 in first:
         same = [next(r for r in rows if r["scheme"] == r0["scheme"] and r["bits"] == r0["bits"])
                 for rows in rows_by_seed.values()]
         m = dict(r0)
-        for k in ("fid", "is_mean", "agreement", "effective_bits", "ratio"):
+        for k in ("fid_proxy", "is_proxy", "agreement", "effective_bits", "ratio"):
             m[k] = sum(r[k] for r in same) / len(same)
-        m["fid_seeds"] = [r["fid"] for r in same]
+        m["fid_proxy_seeds"] = [r["fid_proxy"] for r in same]
         m["trajectories"] = [r["trajectory"] for r in same if r.get("trajectory")]
         ts = m["trajectories"]  # [seeds][steps][blocks] -> the mean over seeds, [steps][blocks]
         m["trajectory"] = ([[sum(t[i][j] for t in ts) / len(ts) for j in range(len(ts[0][i]))]
@@ -121,9 +121,9 @@ def fig_fid_vs_bits(rows: list[dict], path: Path) -> Path:
     for name in ORDER[1:]:
         rs = sorted((r for r in rows if r["scheme"] == name), key=lambda r: r["effective_bits"])
         if rs:
-            ax.plot([r["effective_bits"] for r in rs], [r["fid"] for r in rs], "o-", label=name)
+            ax.plot([r["effective_bits"] for r in rs], [r["fid_proxy"] for r in rs], "o-", label=name)
     fp = next(r for r in rows if r["scheme"] == "FP")
-    ax.axhline(fp["fid"], color="k", ls="--", label="FP teacher")
+    ax.axhline(fp["fid_proxy"], color="k", ls="--", label="FP teacher")
     ax.set(xlabel="effective bits per parameter (everything counted)", ylabel="FID-proxy (lower is better)",
            yscale="log", title="Digits miniature: FID-proxy vs total size")
     ax.legend(fontsize=7)
@@ -234,9 +234,9 @@ def write_report(results: Path, configs: Path, out: Path) -> Path:
               + " IS-proxy | agreement | effective bits | ratio vs FP32 |", "|---|---|---|" + spread_rule + "---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (-r["bits"], ORDER.index(r["scheme"]))):
         nb = "32" if r["scheme"] == "FP" else str(r["bits"])
-        fid = f"{r['fid']:.1f}" + (f" [{' / '.join(f'{v:.1f}' for v in r['fid_seeds'])}]" if several else "")
-        spread = f" {max(r['fid_seeds']) / min(r['fid_seeds']):.2f}x |" if several else ""
-        lines.append(f"| {r['scheme']} | {nb} | {fid} |{spread} {r['is_mean']:.2f} | {r['agreement']:.3f} | "
+        fid = f"{r['fid_proxy']:.1f}" + (f" [{' / '.join(f'{v:.1f}' for v in r['fid_proxy_seeds'])}]" if several else "")
+        spread = f" {max(r['fid_proxy_seeds']) / min(r['fid_proxy_seeds']):.2f}x |" if several else ""
+        lines.append(f"| {r['scheme']} | {nb} | {fid} |{spread} {r['is_proxy']:.2f} | {r['agreement']:.3f} | "
                      f"{r['effective_bits']:.3f} | {r['ratio']:.1f}x |")
     lines += ["", f"![FID-proxy vs effective bits]({stem}-fid-vs-bits.png)", "",
               f"![block error along the trajectory]({stem}-trajectory.png)", "",

@@ -108,10 +108,11 @@ def proxy_metrics(samples: Tensor, labels: Tensor, classifier: DigitsClassifier,
     """FID-proxy etc. of ``samples [N, 1, 8, 8]`` (in [-1, 1]) generated for ``labels [N]``
     against ``real`` (default: all 1797 real digits).
 
-    Returns ``fid``, ``kid_mean``, ``kid_std`` (torchmetrics on the 128-d features; KID subsets
-    of ``min(kid_subset_size, N, M)``, ``kid_subsets`` of them), ``is_mean``, ``is_std`` (torchmetrics IS on the 10-way
-    logits, 10 splits; at most 10 for balanced classes) and ``agreement`` (fraction whose argmax
-    equals the requested label).
+    Returns ``fid_proxy``, ``kid_proxy``, ``kid_proxy_std`` (torchmetrics on the 128-d features; KID
+    subsets of ``min(kid_subset_size, N, M)``, ``kid_subsets`` of them), ``is_proxy``, ``is_proxy_std``
+    (torchmetrics IS on the 10-way logits, 10 splits; at most 10 for balanced classes) and
+    ``agreement`` (fraction whose argmax equals the requested label): the names every report uses
+    (metrics/catalog.py).
     """
     if real is None:
         from ..data.digits import load_digits_tensors
@@ -125,12 +126,12 @@ def proxy_metrics(samples: Tensor, labels: Tensor, classifier: DigitsClassifier,
     kid_mean, kid_std = kid_from_features(f_fake, f_real, subset_size=kid_subset_size, subsets=kid_subsets,
                                           seed=seed)
     is_mean, is_std = is_from_logits(logits, splits=10, seed=seed)
-    return {
-        "fid": fid_from_features(f_fake, f_real),
-        "kid_mean": kid_mean,
-        "kid_std": kid_std,
-        "is_mean": is_mean,
-        "is_std": is_std,
+    return {  # the names of metrics/catalog.py's PROXY, everywhere they are reported
+        "fid_proxy": fid_from_features(f_fake, f_real),
+        "kid_proxy": kid_mean,
+        "kid_proxy_std": kid_std,
+        "is_proxy": is_mean,
+        "is_proxy_std": is_std,
         "agreement": float((logits.argmax(1) == labels).float().mean()),
     }
 
