@@ -225,7 +225,8 @@ def test_limit_changes_moves_only_the_largest_gains():
 def test_quant_core_imports_only_torch():
     """Dependencies point inward: quant/ imports torch and the standard library only (faiss and
     numpy appear lazily inside the optional faiss backend)."""
-    allowed = {"torch", "math", "copy", "dataclasses", "typing", "fnmatch", "json", "time", "__future__", "concurrent", "threading"}
+    allowed = {"torch", "math", "copy", "dataclasses", "typing", "fnmatch", "json", "time", "__future__", "concurrent", "threading",
+               "hashlib"}  # hashlib: the packed metadata's own checksum (quant/layout.py)
     lazy_ok = {"faiss", "numpy"}
     root = Path(__file__).parents[1] / "dpq_lightning" / "quant"
     files = sorted(root.glob("*.py"))
