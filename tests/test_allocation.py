@@ -114,6 +114,7 @@ def test_proxy_is_the_sum_over_sub_vectors_of_the_weighted_error():
     assert row_of(geo).tolist() == [[0] * 4 + [1] * 4 + [2] * 4, [3] * 4 + [4] * 4 + [5] * 4]
 
 
+@pytest.mark.slow
 def test_a_layer_measured_alone_is_quantized_exactly_as_stage_1_does(one_thread):
     import copy
 
@@ -136,6 +137,7 @@ def test_a_layer_measured_alone_is_quantized_exactly_as_stage_1_does(one_thread)
         assert torch.equal(alone.weight, student.get_submodule(lp.module_name).weight), lp.param_name
 
 
+@pytest.mark.slow
 def test_script_writes_a_recipe_that_loads_and_plans_within_the_uniform_size(tmp_path, monkeypatch, capsys, one_thread):
     from dpq_lightning.config import load_config
     from dpq_lightning.jobs.stage1 import predict_size
@@ -171,6 +173,7 @@ def test_script_writes_a_recipe_that_loads_and_plans_within_the_uniform_size(tmp
 
 
 
+@pytest.mark.slow
 def test_script_makes_room_for_a_low_rank_correction_at_the_uniform_size(tmp_path, monkeypatch, capsys, one_thread):
     """--lowrank 1: the recipe trains a rank-1 correction and the codes give up its bytes, so the
     whole file (factors and their header entries included) is no larger than the uniform cell's."""

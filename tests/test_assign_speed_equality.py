@@ -95,6 +95,7 @@ def _check_every_layer(module: DPQCalibration, damp: float = 0.01) -> int:
     return total
 
 
+@pytest.mark.slow
 def test_pooled_1bit_layers_match_the_objective_exactly():
     """d=8, K=256 (configs/dpq_1bit.yaml's arithmetic) with a 64-codeword pool per layer: every
     group's 256 pointers hit at most 64 distinct codewords, so most codes tie exactly with an
@@ -107,6 +108,7 @@ def test_pooled_1bit_layers_match_the_objective_exactly():
     assert _check_every_layer(module) > 150_000  # 181,760 sub-vectors
 
 
+@pytest.mark.slow
 def test_grouped_layers_match_the_objective_exactly():
     """The miniature's geometry (configs/mini/dpq_1bit.yaml: d=4, K=16, 96-row x 2-column-block
     groups): several column blocks, each with its own H, share one codebook."""
@@ -119,6 +121,7 @@ def test_grouped_layers_match_the_objective_exactly():
     assert _check_every_layer(module) > 50_000
 
 
+@pytest.mark.slow
 def test_adjustment_pass_writes_the_reference_codes():
     """The pass over the model (DPQCalibration.adjust_assignments) stores, layer by layer, the
     codes the reference chooses from the teacher's weights and the flushed moments."""
@@ -144,6 +147,7 @@ def test_faiss_is_installed_so_the_whitened_search_is_what_runs():
     assert _faiss() is not None
 
 
+@pytest.mark.slow
 def test_first_duplicate_finds_the_first_equal_codeword():
     """Exact ties go to the first index: the map from each codeword to its first exact copy,
     against a plain loop; -0.0 and 0.0 differ in bits but are equal codewords (compared as floats)."""
@@ -205,6 +209,7 @@ def test_cpu_pass_leaves_the_thread_setting_as_it_found_it(monkeypatch):
         torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 def test_threaded_pass_gives_the_codes_of_the_sequential_one():
     """The CPU pass spreads layers over the caller's torch thread count of Python threads (one torch
     thread each): same codes as one thread, the caller's setting restored, and really two workers."""

@@ -10,6 +10,8 @@ from conftest import BITS, SMALL_OVERRIDES
 from dpq_lightning.experiments.attribution import PARTS, attribute, expand, gap_shares, part_params, render, swapped
 from dpq_lightning.quant import PQ_MODULES, QuantConfig, quantize_
 
+pytestmark = pytest.mark.slow  # every test here calibrates models (the fixture alone takes minutes): pytest -m "not slow" skips them
+
 
 @pytest.fixture
 def pair(trained_small_dit):

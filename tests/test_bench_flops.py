@@ -17,6 +17,7 @@ def bench():
     return mod
 
 
+@pytest.mark.slow
 def test_real_step_counts_as_the_float_stand_in(bench):
     m = bench.miniature_check(batch=2)
     assert m["real"] == m["stand_in"] > 0
@@ -26,6 +27,7 @@ def test_real_step_counts_as_the_float_stand_in(bench):
     assert m1["stand_in"] == m["stand_in"] and m1["real"] - m1["stand_in"] == 6 * 6_301_152
 
 
+@pytest.mark.slow
 def test_xl_counts_and_gpu_hours(bench):
     from dpq_lightning.config import load_config
 

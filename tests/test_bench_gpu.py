@@ -5,6 +5,8 @@ both as the printed table and as JSON. The numbers themselves are for a GPU sess
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import subprocess
@@ -18,6 +20,7 @@ RATIO_OF = {"calib_step": "plain_step", "calib_step_output_aware": "plain_step",
             "sample_packed": "sample_float", "sample_packed_decoded": "sample_float"}
 
 
+@pytest.mark.slow
 def test_bench_gpu_tiny_on_cpu(tmp_path):
     out = tmp_path / "bench.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}

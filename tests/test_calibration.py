@@ -39,6 +39,7 @@ def fit(module, steps, cache_dir, batch=64):
     return trainer
 
 
+@pytest.mark.slow
 def test_trainable_set_is_exactly_the_codebooks(trained_small_dit):
     teacher = copy.deepcopy(trained_small_dit)  # DPQCalibration freezes the teacher it is given
     student = student_of(teacher)
@@ -53,6 +54,7 @@ def test_trainable_set_is_exactly_the_codebooks(trained_small_dit):
         p.numel() for n, p in student.named_parameters() if n in names)
 
 
+@pytest.mark.slow
 def test_teacher_and_student_see_the_same_inputs(trained_small_dit):
     teacher = copy.deepcopy(trained_small_dit)
     m = DPQCalibration(student_of(teacher), teacher, CalibConfig(label_dropout=0.5))
@@ -69,6 +71,7 @@ def test_teacher_and_student_see_the_same_inputs(trained_small_dit):
     assert not any(k.startswith("teacher") for k in m.state_dict())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule", ["output_aware", "frozen"])
 def test_calibration_lowers_rec_and_ddpm_loss(trained_small_dit, tmp_path, rule):
     """1-bit student: measured before/after 60 steps (lr 1e-3): rec 0.61 -> 0.02-0.05, eps-MSE
@@ -166,6 +169,7 @@ class StepCounter(L.Callback):
         self.executed += 1
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_final_state(teacher_file, tmp_path):
     """Stop after 6 of 12 steps, resume from the step-6 checkpoint: the resumed fit starts at step
     6 and executes 6 steps, and ends with the same codes and codebooks as an uninterrupted run,
@@ -207,6 +211,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(teacher_file, tmp_path):
     assert torch.load(last, weights_only=False)["global_step"] == 4
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_ranks_hold_identical_state(teacher_file, tmp_path):
     """devices=2 on CPU (gloo): k-means runs once (rank 0), both ranks end bit-identical."""
     out = tmp_path / "ddp"
@@ -304,6 +309,7 @@ run(load_config(config, overrides), callbacks=[Start()])
 """
 
 
+@pytest.mark.slow
 def test_kill_during_a_checkpoint_write_then_resume_finishes_identically(teacher_file, tmp_path):
     """SIGKILL while last.ckpt of step 12 is being written (the 4th checkpoint write: step 6, last,
     step 12, last): trainer.resume=auto then starts from the newest complete checkpoint (step 12),

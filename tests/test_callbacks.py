@@ -322,6 +322,7 @@ run(load_config(sys.argv[2], sys.argv[3:]), callbacks=[Dump()])  # eval callback
 """
 
 
+@pytest.mark.slow
 def test_ddp_two_ranks_shard_and_agree(teacher_ckpt, tmp_path):
     """devices=2 on CPU (gloo): each rank samples its share (41 samples: 21 + 21, one padding
     sample dropped), rank 0 computes, every rank ends with the same ``val/*`` values; the rank-0-only

@@ -1,3 +1,4 @@
+import pytest
 """The user-facing commands: train.py (stage 1 on the quickstart), dpq plan, dpq inspect."""
 
 import json
@@ -11,6 +12,7 @@ from dpq_lightning.cli import main as dpq_main
 ROOT = Path(__file__).parents[1]
 
 
+@pytest.mark.slow
 def test_train_quickstart_main_job(tmp_path):
     """The README's main-job command on the embedded default (shortened to 20 steps here; CI
     runs it in full): shipped teacher -> stage 1 -> calibration -> packed export."""
@@ -42,6 +44,7 @@ def test_train_quickstart_main_job(tmp_path):
     assert (out / "stage1.dpq").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
 
 
+@pytest.mark.slow
 def test_train_stage1_only(tmp_path):
     out = tmp_path / "s1"
     proc = subprocess.run(

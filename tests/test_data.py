@@ -353,6 +353,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow
 def test_ddp_two_ranks_disjoint_samples_and_resume(tmp_path):
     n = 400
     x = torch.zeros(n, 1, 2, 2)

@@ -89,6 +89,7 @@ def test_export_float_digits_teacher(tmp_path, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left
 
 
+@pytest.mark.slow
 def test_export_packed_and_checkpoint(compressed_run, tmp_path, capsys):
     for name, path in (("dpq", compressed_run / "model.dpq"), ("ckpt", compressed_run / "checkpoints" / "last.ckpt")):
         out = tmp_path / name

@@ -125,6 +125,7 @@ def base_args(tmp: Path, out: Path) -> list[str]:
             "--settings", "ddim:3", "ddpm:4", "--samples", "2", "--threads", "2"]
 
 
+@pytest.mark.slow
 def test_script_json_png_markdown_and_report_only(files, capsys):
     fig2 = _script()
     out, md = files / "figs" / "fig", files / "notes.md"

@@ -19,6 +19,7 @@ SIZE_KEYS = {"bytes_codes", "bytes_codebooks", "bytes_pointers", "bytes_pool", "
              "total_bytes", "fp32_bytes", "ratio", "effective_bits", "nominal_bits", "num_params"}
 
 
+@pytest.mark.slow
 def test_plan_json_has_the_summary_size_keys():
     r = subprocess.run([sys.executable, "-m", "dpq_lightning.cli", "plan", "--config", "configs/dpq_1bit.yaml",
                         "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -70,6 +71,7 @@ QUICK = ["trainer.max_steps=3", "trainer.ckpt_every_n_steps=3", "calib.assign_ev
          "eval.sampling_steps=3", "eval.trajectory_steps=3", "quant.kmeans_iters=2", "quant.pool.iters=2"]
 
 
+@pytest.mark.slow
 def test_grid_runs_through_train_py_and_resumes(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # the configs name checkpoints/ relative to the repository
     lines: list[str] = []

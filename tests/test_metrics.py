@@ -147,6 +147,7 @@ def _digit_images(x: torch.Tensor) -> torch.Tensor:
     return torch.clamp(127.5 * u + 128, 0, 255).to(torch.uint8).repeat(1, 3, 1, 1)
 
 
+@pytest.mark.slow
 def test_real_inception_fid_offline(digits):
     """FID/sFID with the real FID Inception weights (fid-helper's TorchScript copy, offline): our
     torch-fidelity network + hook vs fid-helper's own network, our metric path vs an independent
@@ -239,6 +240,7 @@ def test_sharded_sampling_matches_single_process(tmp_path):
     assert list(tmp_path.iterdir()) == []  # shards removed after merging
 
 
+@pytest.mark.slow
 def test_classifier_script_regenerates_loadable_checkpoint(tmp_path):
     out = tmp_path / "c" / "clf.pt"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -254,6 +256,7 @@ def test_classifier_script_regenerates_loadable_checkpoint(tmp_path):
     assert info["test_accuracy"] > 0.5  # two epochs already learn most of it
 
 
+@pytest.mark.slow
 def test_evaluate_inception_path_with_vae(tmp_path, digits):
     """metric 'inception' end to end on a tiny latent DiT: VAE decode (a small AutoencoderKL built
     from a config, 4x4x4 latents -> 8x8 RGB), FID Inception (fid-helper weights), reference dir."""
@@ -316,6 +319,7 @@ def _inception_with_head(path: Path) -> str:
     return str(path)
 
 
+@pytest.mark.slow
 def test_readme_step6_evaluate_packed_latent_model(tmp_path, digits):
     """README step 6 at miniature scale: scripts/evaluate.py --packed ... --metric inception
     --vae-path ... --ref-npz <ADM-format npz> writes samples.npz and eval.json; IS through an

@@ -3,6 +3,8 @@ counts and writes what the shipped checkpoint is; the grid itself: tests/test_gr
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import subprocess
@@ -19,6 +21,7 @@ def _run(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     return r
 
 
+@pytest.mark.slow
 def test_pretrain_script_writes_a_loadable_teacher(tmp_path):
     from dpq_lightning.models import load_original_checkpoint, resolve_config
 

@@ -58,6 +58,7 @@ def test_paired_metrics_of_identical_and_of_mismatched_sets(clf):
         paired_mse(x, torch.zeros_like(x))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("eval_seed", [0, 1])
 def test_paired_metrics_order_a_ladder_of_degradations(teacher, clf, eval_seed):
     """The instrument proves itself: on every eval seed, more weight noise -> farther from the

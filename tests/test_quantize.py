@@ -55,6 +55,7 @@ def test_excluded_parameters_are_listed_not_dropped(small_dit):
     assert "left in float        : blocks.0.adaLN_modulation.1.weight (excluded" in report.table()
 
 
+@pytest.mark.slow
 def test_pq_beats_vq_and_error_falls_with_bits(trained_small_dit):
     original = {n: p.detach().clone() for n, p in trained_small_dit.named_parameters()}
     errors = {}

@@ -105,6 +105,7 @@ def test_choose_takes_the_best_mean_that_loses_on_no_seed_by_more_than_10_percen
     assert choose({}) == (None, "no recipe was measured on every seed")
 
 
+@pytest.mark.slow
 def test_recipes_run_through_train_py_share_stage1_and_render(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # the configs name checkpoints/ relative to the repository
     lines: list[str] = []

@@ -39,6 +39,7 @@ def test_only_keeps_the_named_entries_in_the_order_given():
         entries(mini, ("recipes",), (1,), only=("output_aware",))
 
 
+@pytest.mark.slow
 def test_ladder_runs_resumes_and_renders(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # the configs name checkpoints/ relative to the repository
     from dpq_lightning.experiments.paired_report import write_reports

@@ -27,6 +27,7 @@ def test_protocol_tag_names_the_overrides_and_refuses_others():
         protocol_tag(["calib.lr=1", "eval.seed=1"])
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_measured_once_and_rendered(tmp_path, monkeypatch, capsys):
     from dpq_lightning.config import load_config
     from dpq_lightning.jobs.run import run

@@ -43,6 +43,7 @@ def _latents(path, tmp, name, *extra):
     return torch.from_numpy(np.load(dest))
 
 
+@pytest.mark.slow
 def test_sample_teacher_packed_and_checkpoint(run_dir, capsys):
     tmp = run_dir
     teacher = _latents(tmp / "teacher.pt", tmp, "teacher", "--arch-json", str(tmp / "teacher.json"))

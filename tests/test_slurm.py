@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test here runs jobs on a SLURM cluster: pytest -m "not slow" skips them
+
 ROOT = Path(__file__).parents[1]
 TEMPLATE = ROOT / "scripts" / "slurm" / "dpq.sbatch"
 CLUSTER = ROOT / "scripts" / "slurm" / "cluster.sh"

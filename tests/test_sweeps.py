@@ -64,6 +64,7 @@ def test_sweep_file_format(path):
         assert all("value" in s or "values" in s for s in sweep["parameters"].values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
 def test_every_swept_key_and_value_is_accepted(path, monkeypatch):
     monkeypatch.setenv("WANDB_RUN_ID", "abc123")  # the agent sets it; output_dir interpolates it
