@@ -36,7 +36,8 @@ LEVELS = {
     3: ("frozen", "official", "lowrank_same_size", "floats", "output_aware", "soft_anneal", "official_own_size"),
 }
 NOT_CANDIDATES = ("official_own_size",)  # another size: shown, never the default
-# Today's defaults (configs/mini/dpq_<b>bit.yaml and the quickstart): a tie leaves them in place.
+# The defaults the re-decision started from (configs/mini/dpq_<b>bit.yaml and the quickstart before it):
+# a tie leaves them in place. At 1 bit the rule then moved the quickstart to lowrank_same_size_ddpm_only.
 INCUMBENT = {1: "lowrank_same_size", 2: "floats", 3: "frozen"}
 LADDER = (8, 4, 3, 2)
 # Length curves: base recipe -> (steps, recipe file suffix); the base's own length is its first point.
