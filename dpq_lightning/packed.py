@@ -29,6 +29,9 @@ from .quant.quantize import model_meta, report_of, structure_of
 from .quant.state import QuantState, set_state, state_of
 
 
+STAGE1_FILE = "stage1.dpq"  # the name a run gives its stage-1 model, beside its checkpoints/ folder
+
+
 class PackedFileError(ValueError):
     """A packed file is truncated, corrupt, or not a dpq file."""
 

@@ -78,8 +78,7 @@ def load_model(path: str | Path, model_name: str | None = None, image_size: int 
 
 
 def _from_calibration_checkpoint(path: Path) -> nn.Module:
-    from ..jobs.stage1 import STAGE1_FILE
-    from ..packed import load_packed
+    from ..packed import STAGE1_FILE, load_packed
 
     stage1 = path.parent.parent / STAGE1_FILE
     if not stage1.is_file():

@@ -23,11 +23,10 @@ from ..atomic import write_json_atomic, write_text_atomic
 from ..config import RunConfig, save_resolved
 from ..distributed import is_first_process
 from ..models import build_model
-from ..packed import load_packed, save_packed
+from ..packed import STAGE1_FILE, load_packed, save_packed
 from ..quant import QuantConfig, SizeReport, quantize_, report_of
 from ..quant.state import state_of
 
-STAGE1_FILE = "stage1.dpq"
 
 
 def teacher_moments(cfg: RunConfig, teacher: torch.nn.Module) -> dict[str, torch.Tensor]:
