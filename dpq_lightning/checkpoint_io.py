@@ -27,4 +27,3 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         buf = io.BytesIO()
         torch.save(checkpoint, buf)
         write_bytes_atomic(buf.getvalue(), path)
-

@@ -116,9 +116,9 @@ def read_metadata(path: str | os.PathLike) -> dict:
         raise PackedFileError(f"{path}: the metadata's checksum is missing (damaged header)")
     try:
         check_schema(doc, path)
+    except PackedFileError:
+        raise
     except (KeyError, TypeError, AttributeError, ValueError) as err:  # a file older than the metadata hash
-        if isinstance(err, PackedFileError):
-            raise
         raise PackedFileError(f"{path}: damaged metadata ({type(err).__name__}: {err})") from None
     return doc
 

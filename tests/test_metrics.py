@@ -285,6 +285,9 @@ def test_evaluate_inception_path_with_vae(tmp_path, digits):
     res = evaluate_model(model, cfg)
     m, p = res["metrics"], res["protocol"]
     assert set(m) == {"fid", "kid_mean", "kid_std", "is_mean", "is_std", "precision", "recall", "sfid"}
+    from dpq_lightning.metrics.catalog import IMAGE
+
+    assert set(m) - {"kid_std", "is_std"} == {x.key for x in IMAGE}  # the catalog names every image metric
     assert np.isfinite(m["fid"]) and m["fid"] > 0 and np.isfinite(m["sfid"]) and m["is_mean"] is None
     assert p["metric"] == "inception" and p["num_samples"] == 6 and p["reference"] == str(ref_dir)
     assert p["clip_denoised"] is False  # latents are not clipped (DiT)
@@ -389,8 +392,8 @@ def test_one_metric_list_names_every_number_the_evaluations_report():
     clf = load_digits_classifier()
     got = {**proxy_metrics(x[:300], y[:300], clf, kid_subsets=5), **paired_metrics(x[:300], x[300:600], clf)}
     assert set(got) == {m.key for m in (*PROXY, *PAIRED)} | {"kid_proxy_std", "is_proxy_std"}
-    assert metric("match_teacher").better(0.99, 0.98) and metric("fid_to_teacher").better(0.5, 0.6)
-    assert not metric("fid_proxy").better(5.0, 4.0) and metric("is_proxy").better(9.0, 8.0)
+    assert [m.key for m in (*PROXY, *PAIRED) if not m.lower_is_better] == ["is_proxy", "agreement", "match_teacher"]
+    assert (metric("fid_to_teacher").ideal, metric("match_teacher").ideal) == (0.0, 1.0)
     assert [m.label for m in PROXY if m.printed] == ["FID-proxy", "IS-proxy", "agreement"]  # train.py's rows
     with pytest.raises(KeyError, match="no metric 'fid_proxyy'; known: fid_proxy, is_proxy"):
         metric("fid_proxyy")

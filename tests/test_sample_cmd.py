@@ -88,3 +88,14 @@ def test_sample_errors_name_the_problem(run_dir, capsys):
     assert "--out grid.png" in capsys.readouterr().err
     assert main(["sample", str(tmp / "run" / "model.dpq"), "--classes", "12", "--latents", str(tmp / "y.npy")]) == 2
     assert "classes 0..9" in capsys.readouterr().err
+    # a checkpoint whose assignment rule still holds mixtures (calib.assignment=soft) is refused by name
+    import torch
+
+    ckpt = torch.load(tmp / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt["state_dict"]["rule_state.blocks__0__attn__qkv.logits"] = torch.zeros(2, 3, 4)
+    soft = tmp / "run" / "checkpoints" / "soft.ckpt"
+    torch.save(ckpt, soft)
+    assert main(["sample", str(soft), "--out", str(tmp / "s.png")]) == 2
+    err = capsys.readouterr().err
+    assert "soft.ckpt: this checkpoint's assignment rule holds mixtures, not codes" in err
+    assert not (tmp / "s.png").exists()

@@ -79,14 +79,13 @@ def load_model(path: str | Path, model_name: str | None = None, image_size: int 
 
 def _from_calibration_checkpoint(path: Path) -> nn.Module:
     from ..packed import STAGE1_FILE, load_packed
+    from ..torch_files import read_torch_file
 
     stage1 = path.parent.parent / STAGE1_FILE
     if not stage1.is_file():
         raise FileNotFoundError(f"{path}: a calibration checkpoint is read with its run's {STAGE1_FILE} "
                                 f"(expected {stage1}); sample the run's model.dpq instead if the folder moved")
     model = load_packed(stage1)
-    from ..torch_files import read_torch_file
-
     # our own Lightning checkpoint: it holds the run's config text and Lightning's state
     state = read_torch_file(path, "the calibration checkpoint", weights_only=False)["state_dict"]
     student = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}

@@ -28,7 +28,6 @@ from ..quant import QuantConfig, SizeReport, quantize_, report_of
 from ..quant.state import state_of
 
 
-
 def teacher_moments(cfg: RunConfig, teacher: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Input moments ``H = E[x x^T]`` of every Linear/conv weight stage 1 quantizes, from the
     teacher on ``quant.data_aware_batches`` batches of the run's calibration data (real latents,
