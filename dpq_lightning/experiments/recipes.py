@@ -64,7 +64,7 @@ QUANT_RECIPES = ("alloc", "alloc_1600", "alloc_lowrank", "lowrank_same_size", "l
 # named here exists at 1 and 2 bits. At 3 bits only the rules that decide the 3-bit default.
 ONLY_BITS = {"alloc_lowrank": (1,), "ddpm_only": (1,), "rec_x10": (1,),
              "lowrank_same_size_1600": (1,), "lowrank_same_size_6400": (1,), "floats_6400": (1,), "alloc_1600": (2,),
-             "soft_anneal_6400": (1,), "lowrank_same_size_ddpm_only": (1,),
+             "soft_anneal_6400": (1,), "lowrank_same_size_ddpm_only": (1, 2, 3),
              "lowrank_same_size_ddpm_only_1600": (1,), "lowrank_same_size_ddpm_only_6400": (1,),
              "official_400": (1,), "official_1600": (1,), "official_6400": (1,),
              **{r: (1, 2, 3) for r in ("frozen", "floats", "output_aware", "soft_anneal", "lowrank_same_size",
