@@ -54,6 +54,35 @@ def test_trainable_set_is_exactly_the_codebooks(trained_small_dit):
         p.numel() for n, p in student.named_parameters() if n in names)
 
 
+@pytest.mark.parametrize("w_rec,w_out", [(0.0, 0.0), (1.0, 0.0), (0.0, 0.5)])
+def test_teacher_runs_only_when_the_loss_or_the_log_reads_it(trained_small_dit, w_rec, w_out):
+    """A DDPM-only loss skips the teacher's forward on the steps that log nothing, and its step is
+    bit-identical to one that ran the teacher: the same loss, the same gradients, one by one."""
+    teacher = copy.deepcopy(trained_small_dit)
+    m = DPQCalibration(student_of(teacher), teacher, CalibConfig(w_rec=w_rec, w_out=w_out, train_floats=True))
+    calls = []
+    teacher.register_forward_hook(lambda *_: calls.append(1))
+    x, y = load_digits_tensors()
+
+    def step(diagnostics):
+        m.student.zero_grad(set_to_none=True)
+        losses = m.compute_losses(x[:32], y[:32], diagnostics=diagnostics)
+        losses["loss"].backward()
+        return losses, {n: p.grad.clone() for n, p in m.student.named_parameters() if p.grad is not None}
+
+    (with_t, g_with), (without, g_without) = step(True), step(False)
+    assert len(calls) == (1 if w_rec == w_out == 0 else 2)
+    assert {"loss_rec", "loss_out"} <= set(with_t)
+    assert ({"loss_rec", "loss_out"} <= set(without)) == (w_rec != 0 or w_out != 0)
+    assert torch.equal(with_t["loss"], without["loss"]) and len(g_with) == len(g_without) > 16
+    assert all(torch.equal(g_with[n], g_without[n]) for n in g_with)
+    # which steps log: Lightning's log_every_n_steps rule, and the last step
+    for step_no, logs in ((0, False), (9, True), (10, False), (19, True), (24, True)):
+        m._trainer = SimpleNamespace(global_step=step_no, log_every_n_steps=10, max_steps=25)
+        assert m._logs_this_step() is logs, step_no
+    m._trainer = None
+
+
 @pytest.mark.slow
 def test_teacher_and_student_see_the_same_inputs(trained_small_dit):
     teacher = copy.deepcopy(trained_small_dit)

@@ -210,3 +210,33 @@ def test_samples_do_not_depend_on_the_chunk_size(model, noise):
         close(x0[:1], first)
     other = sample_n(model, SamplingProtocol(7, 5, 1.5, "ddim", 4, False, "shuffled", noise), batch_size=7)[0]
     assert float((other - x0).abs().max()) > 0.1  # the seed, not the chunking, picks the noise
+
+
+@pytest.mark.parametrize("noise", ["per_rank", "reference"])
+def test_a_compressed_model_is_decoded_once_per_sampling_call(model, noise, monkeypatch):
+    """sample_n decodes each PQ weight once (not at every step of every chunk), frees the dense
+    weights afterwards, and its samples are bit-identical to decoding in every forward."""
+    import contextlib
+    import copy
+
+    import dpq_lightning.evaluation.offline as offline
+    import dpq_lightning.quant.layers as layers
+    from conftest import SMALL_OVERRIDES
+    from dpq_lightning.evaluation.protocol import SamplingProtocol
+    from dpq_lightning.quant import QuantConfig, quantize_
+
+    student = copy.deepcopy(model)
+    quantize_(student, QuantConfig(d=4, K=16, overrides=SMALL_OVERRIDES, kmeans_backend="torch", kmeans_iters=2))
+    weights = [m for m in student.modules() if isinstance(m, layers.PQWeight)]
+    decodes, gather = [], layers.gather_rows
+    monkeypatch.setattr(layers, "gather_rows", lambda *a: decodes.append(1) or gather(*a))
+    proto = SamplingProtocol(6, steps=4, cfg_scale=1.5, method="ddim", seed=1, clip_denoised=False,
+                             labels="shuffled", noise=noise, batch_size=3)
+    once = offline.sample_n(student, proto, batch_size=3)[0]
+    assert len(decodes) == len(weights) > 10
+    assert all(w.decoded is None for w in weights)  # freed again
+    monkeypatch.setattr(offline, "decoded_while_sampling", lambda m: contextlib.nullcontext())
+    decodes.clear()
+    every = offline.sample_n(student, proto, batch_size=3)[0]
+    assert len(decodes) == len(weights) * 4 * 2  # 4 steps x 2 chunks of 3 samples
+    assert torch.equal(once, every)

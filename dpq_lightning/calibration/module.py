@@ -181,30 +181,56 @@ class DPQCalibration(L.LightningModule):
         w = torch.cat([err[i].repeat(edges[i + 1] - edges[i]) for i in range(nb)])  # (T,)
         return (w / w.sum()).to(self.t_weights.device)
 
-    def compute_losses(self, x0: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether the loss reads the teacher's outputs (block reconstruction or output matching)."""
+        return bool(self.cfg.w_rec or self.cfg.w_out)
+
+    def _logs_this_step(self) -> bool:
+        """Whether Lightning writes this step's logged values (its ``log_every_n_steps`` rule; the
+        last step too). Without a trainer (a direct call): always."""
+        t = self._trainer
+        if t is None or not hasattr(t, "log_every_n_steps"):
+            return True
+        step = self.global_step + 1
+        return step % max(1, t.log_every_n_steps) == 0 or step == t.max_steps
+
+    def compute_losses(self, x0: torch.Tensor, y: torch.Tensor, diagnostics: bool = True) -> dict[str, torch.Tensor]:
+        """The step's losses. The teacher's forward runs when the loss reads it, or when
+        ``diagnostics`` asks for ``loss_rec`` and ``loss_out`` anyway; a loss that does not read
+        it (``w_rec = w_out = 0``) skips it on the other steps (a quarter of the step)."""
         t, noise, y = self._draw(x0, y)
         # Only a rule that reads the input moments pays for the per-layer hooks' work (the buffers
         # stay in the state dict, so checkpoints keep one layout).
         self.moments.enabled = self.rule.needs_moments
         x_t = self.schedule.q_sample(x0, t, noise)
-        with torch.no_grad():
-            out_t = self.teacher(x_t, t, y)
-        h_t = list(self._rec_t.outputs)
+        with_teacher = self.uses_teacher or diagnostics
+        if with_teacher:
+            with torch.no_grad():
+                out_t = self.teacher(x_t, t, y)
+            h_t = list(self._rec_t.outputs)
         out_s = self.student(x_t, t, y)
         h_s = list(self._rec_s.outputs)
+        if not with_teacher:
+            # Zero-weighted terms against the student's own detached outputs: the same graph as
+            # with the teacher, so autograd sums the gradients in the same order and the step is
+            # bit-identical to one that ran the teacher (its terms weigh 0 either way).
+            out_t, h_t = out_s.detach(), [h.detach() for h in h_s]
         rec = relative_block_error(h_s, h_t)
         mse, vb = ddpm_loss(self.schedule, out_s.float(), x0.float(), x_t.float(), t, noise.float())
         out = (out_s.float() - out_t.float()).pow(2).mean()
         c = self.cfg
         loss = c.w_rec * rec + c.w_ddpm * (mse + c.w_vb * vb) + c.w_out * out
-        losses = {"loss": loss, "loss_rec": rec, "loss_ddpm": mse, "loss_vb": vb, "loss_out": out}
+        losses = {"loss": loss, "loss_ddpm": mse, "loss_vb": vb}
+        if with_teacher:
+            losses.update(loss_rec=rec, loss_out=out)
         for key, (weight, value) in self.rule.extra_losses(self).items():
             losses["loss"] = losses["loss"] + weight * value
             losses[key] = value
         return losses
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        losses = self.compute_losses(batch["x"], batch["y"])
+        losses = self.compute_losses(batch["x"], batch["y"], diagnostics=self._logs_this_step())
         if not all(torch.isfinite(v) for v in losses.values()):
             bad = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
             raise NonFiniteLossError(

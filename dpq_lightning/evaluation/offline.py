@@ -32,6 +32,7 @@ from ..atomic import write_json_atomic
 from ..diffusion import VAE_SCALE
 from ..distributed import gather_shards
 from ..models.vae import load_vae
+from ..quant.layers import decoded_while_sampling
 from ..sampling import model_shape, protocol_sampler, sample, sample_batches
 from .config import OfflineEvalConfig
 from .protocol import SamplingProtocol, rank_seed, reference_seed
@@ -84,7 +85,8 @@ def sample_n(model: nn.Module, protocol: SamplingProtocol, batch_size: int = 256
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval()
     if protocol.noise == "reference":
-        return _sample_reference(model, protocol, rank, world, dev, postprocess, progress)
+        with decoded_while_sampling(model):
+            return _sample_reference(model, protocol, rank, world, dev, postprocess, progress)
     idx = shard_indices(protocol.num_samples, rank, world)
     labels = protocol_labels(protocol, model.num_classes)[idx]
     if protocol.noise == "per_sample":
@@ -105,7 +107,8 @@ def sample_n(model: nn.Module, protocol: SamplingProtocol, batch_size: int = 256
         if progress:
             print(f"[rank {rank}] {done}/{total} samples, {time.time() - t0:.0f} s", flush=True)
 
-    x = sample_batches(model, labels.to(dev), x_T, protocol, batch_size, generator_for, postprocess, report)
+    with decoded_while_sampling(model):  # decode the PQ weights once, not at every step of every batch
+        x = sample_batches(model, labels.to(dev), x_T, protocol, batch_size, generator_for, postprocess, report)
     return x, labels, idx
 
 

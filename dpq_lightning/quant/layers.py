@@ -9,6 +9,7 @@ float layers one for one and call the functional op with the decoded weight.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -254,6 +255,23 @@ def decode_for_inference(model: nn.Module, enable: bool = True) -> int:
             m.keep_decoded(enable)
             held += 0 if m.decoded is None else m.decoded.numel() * m.decoded.element_size()
     return held
+
+
+@contextlib.contextmanager
+def decoded_while_sampling(model: nn.Module):
+    """Within the block, every PQ weight of ``model`` that is not mixing codewords (a soft rule
+    before hardening) is decoded once and reused (:meth:`PQWeight.keep_decoded`); on exit the ones
+    this call decoded are freed again, those already kept (a model loaded with ``decode=True``)
+    stay. Sampling's many forwards then cost the float model's: bit-identical samples, the dense
+    weights held in fp32 meanwhile (4 bytes per weight)."""
+    mine = [m for m in model.modules() if isinstance(m, PQWeight) and m.decoded is None and not m.mixing]
+    try:
+        for m in mine:
+            m.keep_decoded()
+        yield model
+    finally:
+        for m in mine:
+            m.keep_decoded(False)
 
 
 def conv_args_of(conv: nn.Conv2d) -> dict:
