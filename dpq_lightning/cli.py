@@ -24,14 +24,21 @@ def _plan(args: argparse.Namespace) -> int:
     from .config import load_config
     from .jobs.stage1 import predict_size
 
+    from .experiments.published import AUTHORS_MB, beside_authors
+
     cfg = load_config(args.config, args.overrides)
     report = predict_size(cfg)  # shapes only: no weights are allocated or loaded
+    authors = beside_authors(cfg.model.name, report.nominal_bits, report.total_mb)
     if args.json:
         import json
 
-        print(json.dumps({"config": args.config, "model": cfg.model.name, **report.summary(), "notes": report.notes}))
+        extra = {"authors_mb": AUTHORS_MB[round(report.nominal_bits)]} if authors else {}
+        print(json.dumps({"config": args.config, "model": cfg.model.name, **report.summary(), **extra,
+                          "notes": report.notes}))
     else:
         print(report.table(per_param=not args.totals))
+        if authors:
+            print(authors)
     return 0
 
 

@@ -1,4 +1,3 @@
-import pytest
 """The user-facing commands: train.py (stage 1 on the quickstart), dpq plan, dpq inspect."""
 
 import json
@@ -6,6 +5,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from dpq_lightning.cli import main as dpq_main
 
@@ -123,6 +124,24 @@ def test_dpq_plan_prints_full_scale_table(capsys):
     out = capsys.readouterr().out
     assert "learnable parameters : 674,834,720" in out
     assert "-> MET" in out
+    # the three size conventions: vs FP32 (the paper), MB and vs FP16 (the authors' README), blocks only
+    fp16_mb = 674_834_720 * 2 / 1e6
+    assert f"smaller than FP16 ({fp16_mb:.1f} MB)" in out
+    assert "authors' README      : 103.9 MB at 1 bit" in out
+
+
+@pytest.mark.parametrize("bits,authors", [(1, 103.9), (2, 211.3), (3, None)])
+def test_dpq_plan_json_has_every_size_convention(capsys, bits, authors):
+    import json
+
+    assert dpq_main(["plan", "--config", f"configs/dpq_{bits}bit.yaml", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["total_mb"] == pytest.approx(d["total_bytes"] / 1e6)
+    assert d["ratio_fp16"] == pytest.approx(d["ratio"] / 2)  # FP16 is half of FP32, byte for byte
+    assert d["ratio"] > d["ratio_fp16"] > 1 and d["blocks_ratio"] > 1
+    assert d.get("authors_mb") == authors  # published at 1 and 2 bits only
+    if authors:  # within 15% of the authors' size at the same nominal bits
+        assert abs(d["total_mb"] / authors - 1) < 0.15
 
 
 def test_dpq_inspect_and_errors(small_dit, tmp_path, capsys):
@@ -138,3 +157,11 @@ def test_dpq_inspect_and_errors(small_dit, tmp_path, capsys):
     assert "blocks.0.attn.qkv.weight" in out and "file on disk" in out
     assert dpq_main(["inspect", str(tmp_path / "nope.dpq")]) == 2
     assert "packed model file not found" in capsys.readouterr().err
+
+
+def test_workflow_size_table_is_the_rendered_one():
+    """docs/workflow.md's size table is what size_conventions_table renders from the configs today."""
+    from dpq_lightning.experiments.arithmetic import size_conventions_table
+
+    doc = (ROOT / "docs" / "workflow.md").read_text()
+    assert "\n".join(size_conventions_table(ROOT / "configs")) in doc

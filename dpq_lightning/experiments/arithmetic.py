@@ -74,3 +74,31 @@ def render_arithmetic(rows: list[dict]) -> list[str]:
     bad = [f"{r['scheme']} {r['bits']} bit" for r in rows if not r["ok"]]
     lines += ["", "All within bounds." if not bad else f"Outside the bounds: {', '.join(bad)}."]
     return lines
+
+
+# The full-scale configs in docs/workflow.md's size table, with what sets their layout.
+SIZE_TABLE = (("dpq_1bit.yaml", "d=8, K=256"), ("dpq_2bit.yaml", "d=4, K=256"), ("dpq_3bit.yaml", "d=2, K=64"),
+              ("pq_1bit.yaml", "dpq_1bit.yaml without the pool"), ("vq_1bit.yaml", "one codebook per 144 rows"))
+
+
+def size_conventions_table(configs: Path) -> list[str]:
+    """Markdown lines: each full-scale config's size in the three conventions people quote: whole
+    model vs FP32 (the paper's ">24x"), MB (10^6 bytes) and vs FP16 (the authors' README),
+    transformer blocks only vs FP32 (VQ4DiT's), with the authors' published MB beside ours.
+    Rendered from ``dpq plan --json`` (shapes only, the calibrated file: low-rank corrections included)."""
+    from .published import AUTHORS_MB
+
+    lines = ["| config | nominal bits | MB (10^6 bytes) | vs FP16 | whole model vs FP32 | blocks only vs FP32 "
+             "| authors' README |", "|---|---|---|---|---|---|---|"]
+    for name, what in SIZE_TABLE:
+        s = size_summary(configs / name, stage1=False)
+        bits = s["nominal_bits"]
+        theirs = AUTHORS_MB.get(round(bits)) if name.startswith("dpq_") else None
+        lines.append(f"| `{name}` ({what}) | {bits:.2f} | {s['total_mb']:.1f} | {s['ratio_fp16']:.2f}x "
+                     f"| {s['ratio']:.2f}x | {s['blocks_ratio']:.2f}x | "
+                     + (f"{theirs:.1f} MB |" if theirs else "- |"))
+    return lines
+
+
+if __name__ == "__main__":  # python -m dpq_lightning.experiments.arithmetic: docs/workflow.md's size table
+    print("\n".join(size_conventions_table(Path(__file__).resolve().parents[2] / "configs")))

@@ -128,6 +128,20 @@ class SizeReport:
         return self.fp32_bytes / self.total_bytes
 
     @property
+    def total_mb(self) -> float:
+        """Total size in MB of 10^6 bytes (the authors' README quotes 103.9 MB for DiT-XL/2 at 1 bit)."""
+        return self.total_bytes / 1e6
+
+    @property
+    def fp16_bytes(self) -> int:
+        return self.num_params * 16 // 8
+
+    @property
+    def ratio_fp16(self) -> float:
+        """Whole model against FP16 weights (the authors' README's reference: 1349.4 MB for DiT-XL/2)."""
+        return self.fp16_bytes / self.total_bytes
+
+    @property
     def blocks_ratio(self) -> float:
         """Transformer blocks only (the convention of VQ4DiT's 2553 MB), no container overhead."""
         rows = [r for r in self.rows if r.in_blocks]
@@ -175,6 +189,8 @@ class SizeReport:
             "total_bytes": self.total_bytes,
             "fp32_bytes": self.fp32_bytes,
             "ratio": self.ratio,
+            "total_mb": self.total_mb,
+            "ratio_fp16": self.ratio_fp16,
             "blocks_ratio": self.blocks_ratio,
             "nominal_bits": self.nominal_bits,
             "effective_bits": self.effective_bits,
@@ -219,6 +235,8 @@ class SizeReport:
             "bytes                : " + ", ".join(f"{k} {v / mib:.3f} MiB" for k, v in b.items()),
             f"total                : {self.total_bytes / mib:.3f} MiB  (FP32 {self.fp32_bytes / mib:.2f} MiB)",
             f"ratio vs FP32        : whole model {self.ratio:.2f}x, blocks only {self.blocks_ratio:.2f}x",
+            f"in MB (10^6 bytes)   : {self.total_mb:.2f} MB, {self.ratio_fp16:.2f}x smaller than FP16 "
+            f"({self.fp16_bytes / 1e6:.1f} MB)",
             f"bits per weight      : nominal {self.nominal_bits:.3f} (codes of quantized weights), "
             f"effective {self.effective_bits:.3f} (everything / all parameters)",
         ]
