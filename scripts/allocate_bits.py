@@ -4,6 +4,10 @@
     python scripts/allocate_bits.py --config configs/mini/dpq_2bit.yaml --out configs/mini/recipes/dpq_2bit_alloc.yaml
     python scripts/allocate_bits.py --config configs/mini/dpq_1bit.yaml --lowrank 1 --name alloc_lowrank \
         --out configs/mini/recipes/dpq_1bit_alloc_lowrank.yaml    # room made for a rank-1 correction
+    python scripts/allocate_bits.py --config configs/mini/dpq_1bit.yaml --lowrank 1 --name float_layers \
+        --calib-from configs/mini/recipes/dpq_1bit_lowrank_same_size_ddpm_only.yaml \
+        --floats 'x_embedder.*' 't_embedder.*' 'y_embedder.*' 'final_layer.*' \
+        --out configs/mini/levers/dpq_1bit_float_layers.yaml   # issue 26's lever a: float layers, same size
     python scripts/allocate_bits.py --config configs/mini/dpq_1bit.yaml --out /tmp/a.yaml --batches 1 --kmeans-iters 2
 
 Measures, on the cell's teacher and real digits at several timesteps, the output-error proxy of every
@@ -51,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lowrank", type=int, default=0, metavar="R",
                    help="add calib.lowrank_rank: R to the recipe and count the correction's bytes in the allocation, "
                         "so that the file with it stays within the uniform cell's size (default 0: none)")
+    p.add_argument("--floats", nargs="+", default=[], metavar="PATTERN",
+                   help="weights kept in fp16 (added to quant.exclude, e.g. 'x_embedder.*' 'final_layer.*'): "
+                        "their bytes are taken from the other layers, the file stays within the cell's size")
     p.add_argument("--name", default="alloc", help="the recipe's name (config name mini_dpq_<b>bit_<name>)")
     p.add_argument("--batches", type=int, default=4, help="batches of real digits (the cell's batch size)")
     p.add_argument("--timesteps", type=int, default=8, help="timesteps per batch, centres of equal buckets")
@@ -88,10 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     calib_text = sens.calib_block(calib_path.read_text(), str(calib_path))
     if args.lowrank < 0:
         p.error(f"--lowrank {args.lowrank}: the rank must be >= 0")
-    if args.lowrank and load_config(calib_path).calib.lowrank_rank:
-        p.error(f"--lowrank: {calib_path} already sets calib.lowrank_rank; pass one or the other")
+    from_rank = load_config(calib_path).calib.lowrank_rank
+    if args.lowrank and from_rank and args.lowrank != from_rank:
+        p.error(f"--lowrank {args.lowrank}: {calib_path} sets calib.lowrank_rank {from_rank}; pass the same or none")
+    args.lowrank = args.lowrank or from_rank  # the correction's bytes count either way
     settings = [parse_setting(s) for s in (args.settings or default_settings(q.d, q.K))]
     measure_q = q if args.kmeans_iters is None else replace(q, kmeans_iters=args.kmeans_iters)
+    if args.floats:  # only the layers that stay quantized are measured (stage 1's per-layer seeds follow suit)
+        measure_q = replace(measure_q, exclude=[*q.exclude, *args.floats])
 
     m = cfg.model
     teacher = build_model(m.name, m.arch, m.checkpoint, m.pretrained, m.random_init)
@@ -101,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     # 1-bit cell's calib.lowrank_rank) is not part of the size the allocation has to match.
     uniform = predict_size(replace(cfg, stage1_only=True))
     pointer_bits = sens.pointer_bits_of(uniform)
-    names = [layer.param_name for layer in make_plan(teacher, q).layers]
+    names = [layer.param_name for layer in make_plan(teacher, measure_q).layers]
     timesteps = timestep_grid(args.timesteps)
     B = cfg.data.global_batch_size
     print(f"{args.config}: {len(names)} quantized weights, candidates {', '.join(map(str, settings))}; "
@@ -118,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     measures = sens.measure_layers(teacher, measure_q, settings, inputs, pointer_bits,
                                    log=lambda s: print(s, flush=True))
     t_measure = time.perf_counter() - t0
-    fit = sens.fit_allocation(meta_model, q, measures, pointer_bits, len(teacher.blocks), lowrank=args.lowrank)
+    fit = sens.fit_allocation(meta_model, q, measures, pointer_bits, len(teacher.blocks), lowrank=args.lowrank,
+                              floats=tuple(args.floats))
     print("\n".join(["", *sens.table_lines(measures, fit.allocation.choice), "", *sens.summary_lines(fit, measures)]))
 
     how = (f"{args.batches} batches x {B} real digits x {len(timesteps)} timesteps "

@@ -198,9 +198,37 @@ def test_script_makes_room_for_a_low_rank_correction_at_the_uniform_size(tmp_pat
     # the codes paid for it: fewer code bits per quantized weight than the uniform cell's 1.0
     assert planned.nominal_bits < uniform.nominal_bits - 0.05
     assert f"whose {lowrank:.0f}" in " ".join(out.read_text().split())
-    # a calibration that already has a correction is refused, by name
+    # a calibration that has a correction of another rank is refused, by name
     with pytest.raises(SystemExit):
-        script.main(["--config", "configs/mini/dpq_1bit.yaml", "--out", str(tmp_path / "x.yaml"), "--lowrank", "1",
+        script.main(["--config", "configs/mini/dpq_1bit.yaml", "--out", str(tmp_path / "x.yaml"), "--lowrank", "2",
                      "--calib-from", "configs/mini/recipes/dpq_1bit_lowrank.yaml", *quick])
-    assert "dpq_1bit_lowrank.yaml already sets calib.lowrank_rank" in capsys.readouterr().err
+    assert "dpq_1bit_lowrank.yaml sets calib.lowrank_rank 1; pass the same or none" in capsys.readouterr().err
     assert not (tmp_path / "x.yaml").exists()
+
+
+@pytest.mark.slow
+def test_script_keeps_float_layers_at_the_uniform_size(tmp_path, monkeypatch, capsys, one_thread):
+    """--floats: the named weights stay in fp16 (quant.exclude), the other layers give up their
+    bytes, and a calibration that brings its own correction has it counted (issue 26's lever a)."""
+    from dpq_lightning.config import load_config
+    from dpq_lightning.jobs.stage1 import predict_size
+
+    monkeypatch.chdir(ROOT)
+    spec = importlib.util.spec_from_file_location("allocate_bits", ROOT / "scripts" / "allocate_bits.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "levers" / "dpq_1bit_float_layers.yaml"
+    floats = ["x_embedder.*", "y_embedder.*", "final_layer.linear.*"]
+    winner = "configs/mini/recipes/dpq_1bit_lowrank_same_size_ddpm_only.yaml"
+    assert script.main(["--config", "configs/mini/dpq_1bit.yaml", "--out", str(out), "--name", "lever_float_layers",
+                        "--calib-from", winner, "--floats", *floats,
+                        "--batches", "1", "--timesteps", "2", "--kmeans-iters", "2"]) == 0
+    assert "[23/23] final_layer.adaLN_modulation.1.weight" in capsys.readouterr().out  # 26 less the 3 floats
+    cfg = load_config(out)
+    planned, uniform = predict_size(cfg), predict_size(load_config("configs/mini/dpq_1bit.yaml", ["stage1_only=true"]))
+    assert cfg.quant.exclude == floats and cfg.calib == load_config(winner).calib
+    kept = {r.name for r in planned.rows if r.kind == "excluded"}
+    assert kept == {"x_embedder.proj.weight", "y_embedder.embedding_table.weight", "final_layer.linear.weight"}
+    assert planned.total_bits <= uniform.total_bits and planned.budget_met
+    assert planned.breakdown_bytes()["lowrank"] > 50_000  # the winner's rank-1 correction, counted
+    assert yaml.safe_load(out.read_text())["calib"]["lowrank_rank"] == 1  # once, as the winner states it

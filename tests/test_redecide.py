@@ -18,7 +18,7 @@ def test_the_lists_name_existing_configs_and_reject_unknown_ones():
     names = [e.name for e in every]
     assert len(names) == len(set(names)) == (4 + sum(len(v) for v in LEVELS.values()) + 3 * 5 + 5
                                              + sum(len(v) for v in LEVERS.values()))
-    assert {"dpq_1bit_lever_data_aware", "dpq_1bit_lever_repoint_dead"} <= set(names)
+    assert {"dpq_1bit_lever_data_aware", "dpq_1bit_lever_repoint_dead", "dpq_1bit_lever_float_layers"} <= set(names)
     assert {"dpq_1bit_official", "dpq_2bit_official", "dpq_3bit_official", "vq_3bit", "dpq_3bit_stage1",
             "dpq_1bit_official_6400", "ladder_pq_8bit"} <= set(names)
     with pytest.raises(ValueError, match="unknown list 'grid'"):
@@ -174,3 +174,22 @@ def test_levers_are_paired_with_their_base():
     assert verdicts[1] == "- repoint_dead below the base by 0.50 (noise ±0.08, 6 pairs)"
     assert "data_aware" in verdicts[0] and "tie" in verdicts[0]
     assert lever_lines(1, {"dpq_1bit_lowrank_same_size_ddpm_only": recs["dpq_1bit_lowrank_same_size_ddpm_only"]}, 0.08) == []
+
+
+def test_each_lever_changes_only_stage_1_and_keeps_its_base_size():
+    """A lever config is its base recipe with stage-1 keys changed (quant.*), nothing else, and its
+    planned file is no larger than the base's: the comparison is at equal total size."""
+    from dataclasses import replace
+
+    from dpq_lightning.config import load_config
+    from dpq_lightning.experiments.redecide import LEVER_BASE, LEVERS
+    from dpq_lightning.jobs.stage1 import predict_size
+
+    for b, levers in LEVERS.items():
+        base = load_config(ROOT / "configs" / "mini" / "recipes" / f"dpq_{b}bit_{LEVER_BASE[b]}.yaml")
+        for lever in levers:
+            cfg = load_config(ROOT / "configs" / "mini" / "levers" / f"dpq_{b}bit_{lever}.yaml")
+            assert cfg.name == f"mini_dpq_{b}bit_lever_{lever}", lever
+            assert replace(cfg, name=base.name, output_dir=base.output_dir, quant=base.quant) == base, lever
+            assert cfg.quant != base.quant, lever
+            assert predict_size(cfg).total_bits <= predict_size(base).total_bits, lever

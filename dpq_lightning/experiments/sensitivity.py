@@ -30,10 +30,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..quant.accounting import SizeReport
+from ..quant.accounting import REF_BITS, SizeReport
 from ..quant.allocation import Allocation, Option, allocate
 from ..quant.bitpack import bits_for
-from ..quant.config import LayerRule, QuantConfig
+from ..quant.config import BudgetConfig, LayerRule, QuantConfig
 from ..quant.geometry import GeometryError
 from ..quant.plan import make_plan
 from ..quant.quantize import predict_report
@@ -175,11 +175,15 @@ class Fitted:
 
 
 def fit_allocation(meta_model: nn.Module, cfg: QuantConfig, measures: list[LayerMeasure], pointer_bits: int | None,
-                   depth: int, log: Log = print, max_rounds: int = 6, lowrank: int = 0) -> Fitted:
+                   depth: int, log: Log = print, max_rounds: int = 6, lowrank: int = 0,
+                   floats: tuple[str, ...] = ()) -> Fitted:
     """The least-error allocation whose whole planned file is no larger than the uniform cell's.
     ``lowrank``: the rank of the correction calibration will add to every PQ weight; its fp16
     factors (and their header entries) are counted in the allocated file, so the codes give up
-    their bytes and the file with the correction stays within the uniform cell's size."""
+    their bytes and the file with the correction stays within the uniform cell's size.
+    ``floats``: name patterns of weights kept in fp16 (added to ``quant.exclude``; ``measures``
+    must not include them): their fp16 bytes count in the allocated file, so the other layers
+    give up as many bits and the file stays within the uniform cell's size."""
     uniform = predict_report(meta_model, cfg)
     options = {m.name: m.options for m in measures}
     budget = sum(m.options[m.uniform].cost_bits for m in measures)
@@ -188,10 +192,14 @@ def fit_allocation(meta_model: nn.Module, cfg: QuantConfig, measures: list[Layer
         if layer_bits[m.name] != m.options[m.uniform].cost_bits:
             raise RuntimeError(f"{m.name}: cost {m.options[m.uniform].cost_bits} bits here but the planner "
                                f"counts {layer_bits[m.name]}; the size accounting changed")
+    base = replace(cfg, exclude=[*cfg.exclude, *floats]) if floats else cfg
     for _ in range(max_rounds):
         alloc = allocate(options, budget)
-        quant = alloc_config(cfg, alloc_overrides(cfg, measures, alloc.choice, depth), pointer_bits)
-        report = predict_report(meta_model, quant, lowrank)
+        quant = alloc_config(base, alloc_overrides(cfg, measures, alloc.choice, depth), pointer_bits)
+        # Sized with the pointer width pinned and no budget to meet: a round over the cell's size
+        # (float layers cost far more at first) is measured, not refused; the budget holds at the end.
+        lenient = replace(quant, budget=BudgetConfig(target_bits=float(REF_BITS)))
+        report = predict_report(meta_model, lenient, lowrank)
         for lp in make_plan(meta_model, quant).layers:  # every layer resolves to its chosen setting
             s = next(m for m in measures if m.name == lp.param_name).settings[alloc.choice[lp.param_name]]
             if (lp.geo.d, lp.K) != (s.d, s.K):
@@ -200,7 +208,7 @@ def fit_allocation(meta_model: nn.Module, cfg: QuantConfig, measures: list[Layer
         log(f"allocation: layers {alloc.total_bits} of {budget} bits (DP step {alloc.unit_bits} bits), file "
             f"{report.total_bits} bits (uniform {uniform.total_bits}): {'fits' if excess <= 0 else f'{excess} over'}")
         if excess <= 0:
-            return Fitted(alloc, quant, report, uniform)
+            return Fitted(alloc, quant, predict_report(meta_model, quant, lowrank), uniform)
         budget -= excess
     raise RuntimeError(f"no allocation within the uniform cell's {uniform.total_bits} bits after "
                        f"{max_rounds} rounds")
@@ -257,6 +265,10 @@ def render_recipe(*, bits: int, cell: str, bases: list[str], calib_text: str, fi
     extra = (f" plus a rank-{lowrank} correction per quantized weight (calib.lowrank_rank), whose {lr_bytes:.0f} "
              "bytes of fp16 factors the codes give up: the file with the correction is no larger than the uniform "
              "cell's" if lowrank else "")
+    if fit.quant.exclude:
+        kept = fit.report.summary()["bytes_float"]
+        extra += (f"; the weights matching {', '.join(fit.quant.exclude)} are kept in fp16 (quant.exclude: "
+                  f"{kept:.0f} bytes of float in all), their bytes taken from the quantized layers")
     head = [
         *textwrap.wrap(f"Calibration recipe '{name}' for DPQ at {bits} bit{'s' if bits != 1 else ''} on the digits "
                        f"miniature: recipe '{winner}' (its calib keys, copied below) with the bits per layer chosen "
@@ -281,12 +293,15 @@ def render_recipe(*, bits: int, cell: str, bases: list[str], calib_text: str, fi
         f"base: [{', '.join(bases)}]",
         f"name: mini_dpq_{bits}bit_{name}",
         "quant:",
+        *([f"  exclude: [{', '.join(repr(x).replace(chr(39), chr(34)) for x in fit.quant.exclude)}]"]
+          if fit.quant.exclude else []),
         "  overrides:",
         *[f"    - {_rule_text(r)}" for r in fit.quant.overrides],
     ]
     if pin:
         body += ["  pool:", f"    max_pointer_bits: {pin}"]
-    calib = calib_text.rstrip("\n") + (f"\n  lowrank_rank: {lowrank}" if lowrank else "")
+    has_rank = any(line.strip().startswith("lowrank_rank:") for line in calib_text.splitlines())
+    calib = calib_text.rstrip("\n") + (f"\n  lowrank_rank: {lowrank}" if lowrank and not has_rank else "")
     return "\n".join(f"# {line}".rstrip() for line in head) + "\n" + "\n".join(body) + "\n" + calib + "\n"
 
 
