@@ -114,6 +114,17 @@ def test_claims_by_the_paired_instrument_call_ties_and_failures():
     assert claims["Claim 4"]["verdict"] == "TIE"  # the same growth: no accumulation difference
     recs["dpq_1bit_stage1"] = records_of({"x": [v * 0.5 for v in base]})["x"]  # stage 1 better than calibrated
     assert {c["title"].split(" (")[0]: c for c in check(recs, cell, 0.05)}["Claim 3"]["verdict"] == "NOT HELD"
+    # measured on one seed only: the verdict says it is provisional, and the flip table waits for it
+    one = {n: {0: r[0]} for n, r in recs.items()}
+    claims = check(one, cell, 0.05)
+    c3 = {c["title"].split(" (")[0]: c for c in claims}["Claim 3"]
+    assert c3["verdict"] == "NOT HELD (provisional: seed 0 of the 3 needed)"
+    from dpq_lightning.experiments.noise import Pick
+    from dpq_lightning.experiments.paired_report import flipped_lines
+
+    table = "\n".join(flipped_lines({1: Pick(None, None, (), "no verdict yet")}, [c3],
+                                    {"defaults": {}, "claims": {"Claim 3": "HELD (seeds 0, 1, 2)"}}))
+    assert "| Claim 3 | HELD (seeds 0, 1, 2) | NOT HELD (provisional: seed 0 of the 3 needed) | not yet decided |" in table
 
 
 def test_the_flip_table_compares_earlier_and_new_verdicts():

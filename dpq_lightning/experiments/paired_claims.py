@@ -26,12 +26,28 @@ def _bits(by_seed: dict[int, dict]) -> float:
     return next(iter(by_seed.values()))["summary"]["size"]["effective_bits"]
 
 
-def _level(verdicts: list[str]) -> str:
+SEEDS_NEEDED = 3  # a claim's verdict on fewer seeds is printed as provisional
+
+
+def _level(verdicts: list[str], seeds: set[int] | None = None) -> str:
+    """The claim's verdict from its levels'; ``seeds``: those every compared record shares (fewer
+    than :data:`SEEDS_NEEDED` make it provisional, as the default-picking rule gives no verdict)."""
     if not verdicts:
         return "not measured"
     if "not held" in verdicts:
-        return "NOT HELD"
-    return "HELD" if all(v == "held" for v in verdicts) else "TIE"
+        out = "NOT HELD"
+    else:
+        out = "HELD" if all(v == "held" for v in verdicts) else "TIE"
+    if seeds is not None and len(seeds) < SEEDS_NEEDED:
+        out += f" (provisional: seed{'s' if len(seeds) != 1 else ''} {', '.join(map(str, sorted(seeds)))} " \
+               f"of the {SEEDS_NEEDED} needed)"
+    return out
+
+
+def _shared_seeds(*groups) -> set[int] | None:
+    """Seeds every record of the comparisons has (None when none was compared)."""
+    sets = [set(r) for g in groups for r in g if r]
+    return set.intersection(*sets) if sets else None
 
 
 def growth_cell(by_seed: dict[int, dict]) -> Cell | None:
@@ -49,11 +65,12 @@ def check(records: dict[str, dict[int, dict]], cell, floor: float, levels=(3, 2,
 
     out = []
     # Claim 1: DPQ below VQ, calibrated, equal size; the VQ/DPQ ratio larger at 1 bit than at 2.
-    v1, l1, ratio = [], [], {}
+    v1, l1, ratio, u1 = [], [], {}, []
     for b in levels:
         d, v = get(f"dpq_{b}bit"), get(f"vq_{b}bit")
         if not (d and v):
             continue
+        u1 += [d, v]
         size = _bits(d) / _bits(v) - 1
         cd, cv = cell(d, "fid_to_teacher"), cell(v, "fid_to_teacher")
         c = compare(cd, cv, floor)
@@ -72,13 +89,14 @@ def check(records: dict[str, dict[int, dict]], cell, floor: float, levels=(3, 2,
     out.append({"title": "Claim 1 (PQ beats VQ at the same budget, the gap grows from 2 to 1 bit)",
                 "criterion": "calibrated DPQ's fid_to_teacher below calibrated VQ's (same recipe, sizes within 5%) "
                              "beyond the noise at every level, and the VQ/DPQ ratio larger at 1 bit than at 2",
-                "verdict": _level(v1), "lines": l1})
+                "verdict": _level(v1, _shared_seeds(u1)), "lines": l1})
     # Claim 2: the pool meets the budget at little cost: calibrated DPQ (pool) vs PQ (no pool).
-    v2, l2 = [], []
+    v2, l2, u2 = [], [], []
     for b in levels:
         d, p = get(f"dpq_{b}bit"), get(f"pq_{b}bit")
         if not (d and p):
             continue
+        u2 += [d, p]
         cd, cp = cell(d, "fid_to_teacher"), cell(p, "fid_to_teacher")
         c = compare(cd, cp, floor)
         cost = cd.mean / cp.mean
@@ -92,13 +110,14 @@ def check(records: dict[str, dict[int, dict]], cell, floor: float, levels=(3, 2,
     out.append({"title": "Claim 2 (the pool meets the size budget, over 24x at 1 bit, at little quality cost)",
                 "criterion": f"calibrated DPQ's fid_to_teacher within the noise of, or at most {POOL_COST}x, calibrated "
                              "PQ's without the pool at every level, and the 1-bit DPQ over 24x smaller than FP32",
-                "verdict": _level(v2), "lines": l2})
+                "verdict": _level(v2, _shared_seeds(u2)), "lines": l2})
     # Claim 3: calibration improves over stage 1.
-    v3, l3 = [], []
+    v3, l3, u3 = [], [], []
     for b in levels:
         d, s = get(f"dpq_{b}bit"), get(f"dpq_{b}bit_stage1")
         if not (d and s):
             continue
+        u3 += [d, s]
         c = compare(cell(d, "fid_to_teacher"), cell(s, "fid_to_teacher"), floor)
         ok = "held" if c.verdict == "lower" else ("tie" if c.verdict == "tie" else "not held")
         v3.append(ok)
@@ -106,14 +125,15 @@ def check(records: dict[str, dict[int, dict]], cell, floor: float, levels=(3, 2,
                   f"{cell(d, 'fid_to_teacher').text()}: {c.text('calibrated', 'stage 1')} -> {ok}")
     out.append({"title": "Claim 3 (calibration improves over stage 1)",
                 "criterion": "calibrated DPQ's fid_to_teacher below its stage-1 start beyond the noise at every level",
-                "verdict": _level(v3), "lines": l3})
+                "verdict": _level(v3, _shared_seeds(u3)), "lines": l3})
     # Claim 4: on the calibrated pair, VQ's block error grows more along the trajectory than DPQ's.
-    v4, l4 = [], []
+    v4, l4, u4 = [], [], []
     for b in levels:
         d, v = get(f"dpq_{b}bit"), get(f"vq_{b}bit")
         gd, gv = (growth_cell(d), growth_cell(v)) if d and v else (None, None)
         if gd is None or gv is None:
             continue
+        u4 += [d, v]
         c = compare(gv, gd)
         ok = "held" if c.verdict == "higher" and gd.mean < 2.0 else ("tie" if c.verdict == "tie" else "not held")
         v4.append(ok)
@@ -123,7 +143,7 @@ def check(records: dict[str, dict[int, dict]], cell, floor: float, levels=(3, 2,
                              "than DPQ's beyond the spread over seeds, and DPQ's grows less than 2x (last fifth of the "
                              "steps over the first fifth). Growth is the same along the teacher's trajectory "
                              "(docs/figure2.md), so a held verdict shows larger per-step error, not accumulation",
-                "verdict": _level(v4), "lines": l4})
+                "verdict": _level(v4, _shared_seeds(u4)), "lines": l4})
     return out
 
 

@@ -216,7 +216,7 @@ def flipped_lines(picks: dict, claims: list[dict], old: dict) -> list[str]:
         short = c["title"].split(" (")[0]
         was = old["claims"].get(short, "-")
         now = c["verdict"]
-        flip = ("not yet decided" if now == "not measured" else
+        flip = ("not yet decided" if now == "not measured" or "provisional" in now else
                 "no" if was.split(" (")[0] == now else "yes")
         lines.append(f"| {short} | {was} | {now} | {flip} |")
     return lines + [""]
