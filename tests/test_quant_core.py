@@ -123,6 +123,28 @@ def test_faiss_backend_matches_quality():
     assert abs(float(e1) / float(e2) - 1) < 0.1  # same objective, within 10%
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_faiss_groups_on_two_threads_give_the_same_centroids(weighted):
+    """Many small groups are trained on as many threads as torch may use; every group keeps its own
+    seed, so the centroids and codes equal those trained one thread, one group after another."""
+    from dpq_lightning.quant.kmeans import _one_thread
+
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(7, 300, 4, generator=g)  # 7 groups: split 3 + 4 over two threads
+    w = torch.rand(7, 300, generator=g) if weighted else None
+    assert _one_thread(7, 300, 16, 4)  # the many-small-groups path
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        C1, i1 = kmeans_faiss(X, 16, iters=5, seed=3, weights=w)
+        torch.set_num_threads(2)
+        C2, i2 = kmeans_faiss(X, 16, iters=5, seed=3, weights=w)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(C1, C2) and torch.equal(i1, i2)
+    assert len({tuple(C1[k].flatten().tolist()[:4]) for k in range(7)}) == 7  # groups differ: seeds per group
+
+
 def test_pool_shrinks_codebooks_at_bounded_cost():
     g = torch.Generator().manual_seed(0)
     X = torch.randn(16, 256, 4, generator=g)  # 16 groups
@@ -226,7 +248,7 @@ def test_quant_core_imports_only_torch():
     """Dependencies point inward: quant/ imports torch and the standard library only (faiss and
     numpy appear lazily inside the optional faiss backend)."""
     allowed = {"torch", "math", "copy", "dataclasses", "typing", "fnmatch", "json", "time", "__future__", "concurrent", "threading",
-               "hashlib"}  # hashlib: the packed metadata's own checksum (quant/layout.py)
+               "hashlib", "contextlib"}  # hashlib: the packed metadata's own checksum (quant/layout.py)
     lazy_ok = {"faiss", "numpy"}
     root = Path(__file__).parents[1] / "dpq_lightning" / "quant"
     files = sorted(root.glob("*.py"))

@@ -273,13 +273,29 @@ def kmeans_faiss(
     C = torch.empty(G, K, d)
     Xn, Cn = Xc.numpy(), C.numpy()
     Wn = None if weights is None else weights.detach().float().cpu().contiguous().numpy()
-    with _FaissSettings(faiss, single_thread=_one_thread(G, N, K, d)):
-        for g in range(G):
-            km = faiss.Kmeans(
-                d, K, niter=iters, seed=seed + g, verbose=False, max_points_per_centroid=max(256, N)
-            )
-            km.cp.min_points_per_centroid = 1  # small groups are normal here; don't warn per group
-            km.train(Xn[g], weights=None if Wn is None else Wn[g])
-            Cn[g] = km.centroids
+    single = _one_thread(G, N, K, d)
+
+    def train(groups: range) -> None:  # each group is independent, seeded by its index: any order, any thread
+        with _FaissSettings(faiss, single_thread=single):
+            for g in groups:
+                km = faiss.Kmeans(
+                    d, K, niter=iters, seed=seed + g, verbose=False, max_points_per_centroid=max(256, N)
+                )
+                km.cp.min_points_per_centroid = 1  # small groups are normal here; don't warn per group
+                km.train(Xn[g], weights=None if Wn is None else Wn[g])
+                Cn[g] = km.centroids  # (K, d) into this group's own rows: threads never share a row
+
+    # Many small groups run one OpenMP thread each (see _FaissSettings), so by themselves they keep
+    # one core busy: split them over as many Python threads as torch may use (faiss releases the
+    # GIL while it trains). The centroids are the same as one after another (tested).
+    workers = min(torch.get_num_threads(), G) if single else 1
+    if workers > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        bounds = [G * i // workers for i in range(workers + 1)]
+        with ThreadPoolExecutor(workers, thread_name_prefix="dpq-kmeans") as pool:
+            list(pool.map(train, [range(a, b) for a, b in zip(bounds, bounds[1:])]))
+    else:
+        train(range(G))
     idx, _ = nearest(Xc, C)
     return C.to(X.device), idx.to(X.device)
