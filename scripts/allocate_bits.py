@@ -8,6 +8,9 @@
         --calib-from configs/mini/recipes/dpq_1bit_lowrank_same_size_ddpm_only.yaml \
         --floats 'x_embedder.*' 't_embedder.*' 'y_embedder.*' 'final_layer.*' \
         --out configs/mini/levers/dpq_1bit_float_layers.yaml   # issue 26's lever a: float layers, same size
+    python scripts/allocate_bits.py --config configs/mini/dpq_1bit.yaml --name lever_pool_8bit --pointer-bits 8 \
+        --calib-from configs/mini/recipes/dpq_1bit_lowrank_same_size_ddpm_only.yaml \
+        --out configs/mini/levers/dpq_1bit_pool_8bit.yaml      # lever c: a 4x larger pool, same size
     python scripts/allocate_bits.py --config configs/mini/dpq_1bit.yaml --out /tmp/a.yaml --batches 1 --kmeans-iters 2
 
 Measures, on the cell's teacher and real digits at several timesteps, the output-error proxy of every
@@ -58,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--floats", nargs="+", default=[], metavar="PATTERN",
                    help="weights kept in fp16 (added to quant.exclude, e.g. 'x_embedder.*' 'final_layer.*'): "
                         "their bytes are taken from the other layers, the file stays within the cell's size")
+    p.add_argument("--pointer-bits", type=int, default=None, metavar="B",
+                   help="pool pointer width (pools of up to 2^B codewords per layer) instead of the cell's: "
+                        "a larger pool paid for by the codes, at the same total size (issue 26's lever c)")
     p.add_argument("--name", default="alloc", help="the recipe's name (config name mini_dpq_<b>bit_<name>)")
     p.add_argument("--batches", type=int, default=4, help="batches of real digits (the cell's batch size)")
     p.add_argument("--timesteps", type=int, default=8, help="timesteps per batch, centres of equal buckets")
@@ -112,6 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     # 1-bit cell's calib.lowrank_rank) is not part of the size the allocation has to match.
     uniform = predict_size(replace(cfg, stage1_only=True))
     pointer_bits = sens.pointer_bits_of(uniform)
+    if args.pointer_bits is not None:
+        if pointer_bits is None:
+            p.error(f"--pointer-bits: {args.config} has no codebook pool (quant.pool.enabled is false)")
+        if not 1 <= args.pointer_bits <= 16:
+            p.error(f"--pointer-bits {args.pointer_bits}: give a width from 1 to 16 bits")
+        pointer_bits = args.pointer_bits
     names = [layer.param_name for layer in make_plan(teacher, measure_q).layers]
     timesteps = timestep_grid(args.timesteps)
     B = cfg.data.global_batch_size

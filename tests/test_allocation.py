@@ -137,15 +137,21 @@ def test_a_layer_measured_alone_is_quantized_exactly_as_stage_1_does(one_thread)
         assert torch.equal(alone.weight, student.get_submodule(lp.module_name).weight), lp.param_name
 
 
+def allocate_bits_script():
+    """scripts/allocate_bits.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("allocate_bits", ROOT / "scripts" / "allocate_bits.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
 @pytest.mark.slow
 def test_script_writes_a_recipe_that_loads_and_plans_within_the_uniform_size(tmp_path, monkeypatch, capsys, one_thread):
     from dpq_lightning.config import load_config
     from dpq_lightning.jobs.stage1 import predict_size
 
     monkeypatch.chdir(ROOT)  # the cell names its teacher relative to the repository
-    spec = importlib.util.spec_from_file_location("allocate_bits", ROOT / "scripts" / "allocate_bits.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = allocate_bits_script()
     out = tmp_path / "recipes" / "dpq_1bit_alloc.yaml"
     assert script.main(["--config", "configs/mini/dpq_1bit.yaml", "--out", str(out), "--batches", "1",
                         "--timesteps", "2", "--kmeans-iters", "2"]) == 0
@@ -181,9 +187,7 @@ def test_script_makes_room_for_a_low_rank_correction_at_the_uniform_size(tmp_pat
     from dpq_lightning.jobs.stage1 import predict_size
 
     monkeypatch.chdir(ROOT)
-    spec = importlib.util.spec_from_file_location("allocate_bits", ROOT / "scripts" / "allocate_bits.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = allocate_bits_script()
     out = tmp_path / "recipes" / "dpq_1bit_alloc_lowrank.yaml"
     quick = ["--batches", "1", "--timesteps", "2", "--kmeans-iters", "2"]
     assert script.main(["--config", "configs/mini/dpq_1bit.yaml", "--out", str(out), "--lowrank", "1",
@@ -214,9 +218,7 @@ def test_script_keeps_float_layers_at_the_uniform_size(tmp_path, monkeypatch, ca
     from dpq_lightning.jobs.stage1 import predict_size
 
     monkeypatch.chdir(ROOT)
-    spec = importlib.util.spec_from_file_location("allocate_bits", ROOT / "scripts" / "allocate_bits.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = allocate_bits_script()
     out = tmp_path / "levers" / "dpq_1bit_float_layers.yaml"
     floats = ["x_embedder.*", "y_embedder.*", "final_layer.linear.*"]
     winner = "configs/mini/recipes/dpq_1bit_lowrank_same_size_ddpm_only.yaml"
@@ -232,3 +234,33 @@ def test_script_keeps_float_layers_at_the_uniform_size(tmp_path, monkeypatch, ca
     assert planned.total_bits <= uniform.total_bits and planned.budget_met
     assert planned.breakdown_bytes()["lowrank"] > 50_000  # the winner's rank-1 correction, counted
     assert yaml.safe_load(out.read_text())["calib"]["lowrank_rank"] == 1  # once, as the winner states it
+
+
+@pytest.mark.slow
+def test_script_buys_a_larger_pool_with_code_bits_at_the_uniform_size(tmp_path, monkeypatch, capsys, one_thread):
+    """--pointer-bits: pools of up to 2^B codewords per layer instead of the cell's 2^6, paid for by
+    the codes, the whole file within the uniform cell's size (issue 26's lever c)."""
+    from dpq_lightning.config import load_config
+    from dpq_lightning.jobs.stage1 import predict_size
+
+    monkeypatch.chdir(ROOT)
+    script = allocate_bits_script()
+    out = tmp_path / "levers" / "dpq_1bit_pool_8bit.yaml"
+    quick = ["--batches", "1", "--timesteps", "2", "--kmeans-iters", "2"]
+    assert script.main(["--config", "configs/mini/dpq_1bit.yaml", "--out", str(out), "--name", "lever_pool_8bit",
+                        "--pointer-bits", "8", "--calib-from",
+                        "configs/mini/recipes/dpq_1bit_lowrank_same_size_ddpm_only.yaml", *quick]) == 0
+    assert "pool pointers 8 bits" in capsys.readouterr().out
+    cfg = load_config(out)
+    planned, uniform = predict_size(cfg), predict_size(load_config("configs/mini/dpq_1bit.yaml", ["stage1_only=true"]))
+    assert cfg.quant.pool.max_pointer_bits == 8
+    assert any("pool pointers of 8 bits (P <= 256" in n for n in planned.notes)  # the budget search keeps 8
+    assert planned.total_bits <= uniform.total_bits and planned.budget_met
+    pool = lambda r: r.breakdown_bytes()["pool"]  # noqa: E731
+    assert pool(planned) > 3 * pool(uniform)  # more capacity (up to 4x the pooled codewords) ...
+    assert planned.nominal_bits < uniform.nominal_bits - 0.05  # ... paid for by the codes
+    assert "Pool pointers at 8 bits" in out.read_text() and "the cell's: 6" in " ".join(out.read_text().split())
+    with pytest.raises(SystemExit):
+        script.main(["--config", "configs/mini/pq_1bit.yaml", "--out", str(tmp_path / "x.yaml"), "--pointer-bits", "8",
+                     "--calib-from", "configs/mini/recipes/dpq_1bit_floats.yaml", *quick])
+    assert "has no codebook pool" in capsys.readouterr().err

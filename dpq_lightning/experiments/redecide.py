@@ -49,9 +49,10 @@ LENGTH = {"lowrank_same_size_ddpm_only": ((1600, "lowrank_same_size_ddpm_only_16
           "official": ((400, "official_400"), (1600, "official_1600"), (6400, "official_6400"))}
 # Issue 26's levers, each applied to the level's candidate at its total size (configs/mini/levers/):
 # data-aware stage 1 (b), with error feedback, dead pool slots re-pointed (d), b + d together, and
-# the input/output layers kept in fp16 with the bits re-allocated (a; written by allocate_bits.py --floats).
+# the input/output layers kept in fp16 with the bits re-allocated (a; allocate_bits.py --floats), and
+# larger pools paid for by the codes (c; allocate_bits.py --pointer-bits 7 and 8).
 LEVER_BASE = {1: "lowrank_same_size_ddpm_only"}
-LEVERS = {1: ("data_aware", "error_feedback", "repoint_dead", "all_stage1", "float_layers")}
+LEVERS = {1: ("data_aware", "error_feedback", "repoint_dead", "all_stage1", "float_layers", "pool_7bit", "pool_8bit")}
 LISTS = ("ladder", "recipes", "schemes", "length", "levers")
 # The grid's cells the claims need, per level: configs/mini/<cell>_<b>bit.yaml.
 SCHEMES = ("dpq", "vq", "pq", "dpq_stage1", "vq_stage1")

@@ -187,7 +187,11 @@ def fit_allocation(meta_model: nn.Module, cfg: QuantConfig, measures: list[Layer
     uniform = predict_report(meta_model, cfg)
     options = {m.name: m.options for m in measures}
     budget = sum(m.options[m.uniform].cost_bits for m in measures)
-    layer_bits = {r.name: r.total_bits for r in uniform.rows if r.kind == "pq"}
+    # The layers' costs at the allocation's pointer width (the cell's unless a capacity split asks
+    # for another): the uniform settings, that width pinned, no budget check.
+    lenient = BudgetConfig(target_bits=float(REF_BITS))
+    pinned = predict_report(meta_model, replace(alloc_config(cfg, list(cfg.overrides), pointer_bits), budget=lenient))
+    layer_bits = {r.name: r.total_bits for r in pinned.rows if r.kind == "pq"}
     for m in measures:  # our costs must be the planner's, or the budget means nothing
         if layer_bits[m.name] != m.options[m.uniform].cost_bits:
             raise RuntimeError(f"{m.name}: cost {m.options[m.uniform].cost_bits} bits here but the planner "
@@ -198,8 +202,7 @@ def fit_allocation(meta_model: nn.Module, cfg: QuantConfig, measures: list[Layer
         quant = alloc_config(base, alloc_overrides(cfg, measures, alloc.choice, depth), pointer_bits)
         # Sized with the pointer width pinned and no budget to meet: a round over the cell's size
         # (float layers cost far more at first) is measured, not refused; the budget holds at the end.
-        lenient = replace(quant, budget=BudgetConfig(target_bits=float(REF_BITS)))
-        report = predict_report(meta_model, lenient, lowrank)
+        report = predict_report(meta_model, replace(quant, budget=lenient), lowrank)
         for lp in make_plan(meta_model, quant).layers:  # every layer resolves to its chosen setting
             s = next(m for m in measures if m.name == lp.param_name).settings[alloc.choice[lp.param_name]]
             if (lp.geo.d, lp.K) != (s.d, s.K):
@@ -281,7 +284,11 @@ def render_recipe(*, bits: int, cell: str, bases: list[str], calib_text: str, fi
         "Allocation: exact DP (quant/allocation.py) minimising the summed error with the layers' bits within",
         "the uniform cell's; the whole planned file (header included) is no larger than the uniform cell's.",
         *([f"Pool pointers pinned at the cell's {pin} bits (quant.pool.max_pointer_bits): only the allocation "
-           "differs."] if pin else []),
+           "differs."] if pin and pin == pointer_bits_of(fit.uniform) else []),
+        *(textwrap.wrap(f"Pool pointers at {pin} bits (quant.pool.max_pointer_bits; the cell's: "
+                        f"{pointer_bits_of(fit.uniform)}): pools of up to {2 ** pin} codewords per layer, paid for "
+                        "by the codes (a capacity split).", 110)
+          if pin and pin != pointer_bits_of(fit.uniform) else []),
         "",
         "bits: nominal log2(K)/d uniform > chosen (+ more, - fewer); stored b/w: all the layer stores per weight;",
         "rel.err: the uniform setting's error / E|Wx|^2 (the layer's sensitivity in its own scale).",
