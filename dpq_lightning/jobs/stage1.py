@@ -70,19 +70,22 @@ def teacher_moments(cfg: RunConfig, teacher: torch.nn.Module) -> dict[str, torch
 def quantize_with_progress(model: torch.nn.Module, quant: QuantConfig, device: str | None = None,
                            moments: dict[str, torch.Tensor] | None = None) -> SizeReport:
     """``quantize_`` with a progress bar over layers (k-means is the long part)."""
-    bar = tqdm(total=None, desc="stage 1: k-means", unit="layer", dynamic_ncols=True)
+    bars: list = []  # opened at the first layer, when the count is known (no empty bar before it)
 
     def progress(name: str, i: int, n: int) -> None:
-        bar.total = n
-        bar.n = i
-        bar.set_postfix_str(name, refresh=True)
+        if not bars:
+            bars.append(tqdm(total=n, desc="stage 1: k-means", unit="layer", dynamic_ncols=True))
+        bars[0].n = i
+        bars[0].set_postfix_str(name, refresh=True)
 
     try:
         report = quantize_(model, quant, device=device, progress=progress, moments=moments)
-        bar.n = bar.total or 0
-        bar.refresh()
+        if bars:
+            bars[0].n = bars[0].total
+            bars[0].refresh()
     finally:
-        bar.close()
+        for bar in bars:
+            bar.close()
     return report
 
 
