@@ -10,6 +10,7 @@ import torch  # noqa: E402
 torch.set_num_threads(int(os.environ.get("DPQ_TEST_THREADS", "2")))
 
 import copy  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -23,6 +24,18 @@ SMALL_OVERRIDES = [
 ]
 # nominal bits = log2(K) / d
 BITS = {1: dict(d=4, K=16), 2: dict(d=2, K=16), 3: dict(d=2, K=64)}
+
+
+def load_script(relpath: str, name: str | None = None):
+    """A script of the repository (``scripts/allocate_bits.py``) imported as a module: scripts/ and
+    data/ are not packages. ``name``: the module's name (default: the file's stem)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / relpath
+    spec = importlib.util.spec_from_file_location(name or path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 @pytest.fixture(scope="session")

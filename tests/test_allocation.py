@@ -2,7 +2,6 @@
 optimum is known, the proxy of quant/sensitivity.py against its definition, and
 scripts/allocate_bits.py on tiny counts with the real digits teacher."""
 
-import importlib.util
 import itertools
 import random
 from dataclasses import replace
@@ -12,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import load_script
 from dpq_lightning.quant.allocation import AllocationError, Option, allocate
 
 ROOT = Path(__file__).parents[1]
@@ -138,11 +138,7 @@ def test_a_layer_measured_alone_is_quantized_exactly_as_stage_1_does(one_thread)
 
 
 def allocate_bits_script():
-    """scripts/allocate_bits.py as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("allocate_bits", ROOT / "scripts" / "allocate_bits.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
+    return load_script("scripts/allocate_bits.py")
 
 
 @pytest.mark.slow

@@ -1,20 +1,18 @@
 """scripts/bench_flops.py: the counted calibration step is the real one, and the GPU-hours follow
 from the counted FLOPs by the stated arithmetic."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+
+from conftest import load_script
 
 ROOT = Path(__file__).parents[1]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_flops", ROOT / "scripts" / "bench_flops.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("scripts/bench_flops.py")
 
 
 @pytest.mark.slow

@@ -4,7 +4,6 @@ with a tiny AutoencoderKL built from its config."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import load_script
 from dpq_lightning.data import (
     DataError,
     DigitsDataModule,
@@ -387,10 +387,7 @@ def test_ddp_two_ranks_disjoint_samples_and_resume(tmp_path):
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("extract_latents_script", REPO / "data" / "extract_latents.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("data/extract_latents.py", "extract_latents_script")
 
 
 @pytest.fixture(scope="module")

@@ -4,14 +4,13 @@ on tiny counts (teacher checkpoint + two packed students written here)."""
 
 import copy
 import hashlib
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import BITS, SMALL_ARCH, SMALL_OVERRIDES
+from conftest import BITS, SMALL_ARCH, SMALL_OVERRIDES, load_script
 from PIL import Image
 
 from dpq_lightning.evaluation.trajectory import (absolute_block_errors, block_error_trajectories,
@@ -26,10 +25,7 @@ SHAPE = (1, 8, 8)
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("figure2", ROOT / "scripts" / "figure2.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("scripts/figure2.py")
 
 
 def quantized(teacher, bits: int):

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import load_script
 from dpq_lightning.data.digits import load_digits_tensors
 from dpq_lightning.metrics.catalog import METRICS
 from dpq_lightning.metrics import (
@@ -184,10 +185,7 @@ def test_real_inception_fid_offline(digits):
 
 
 def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(f"scripts/{name}.py")
 
 
 def test_evaluate_script_on_digits_teacher(tmp_path):

@@ -132,11 +132,9 @@ def test_final_evaluation_has_noise_sets_paired_metrics_and_floor(teacher, tmp_p
 
 
 def test_evaluate_script_pairs_with_the_shipped_teacher_by_default(tmp_path):
-    import importlib.util
+    from conftest import load_script
 
-    spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "scripts" / "evaluate.py")
-    evaluate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(evaluate)
+    evaluate = load_script("scripts/evaluate.py", "evaluate_script")
     out = tmp_path / "e.json"
     res = evaluate.main(["--config", str(ROOT / "configs" / "eval" / "digits.yaml"), f"teacher={TEACHER}",
                          f"arch_json={ARCH}", "num_samples=30", "steps=3", "quiet=true",

@@ -1,22 +1,19 @@
 """Finished runs evaluated again under another protocol (``dpq_lightning/experiments/reevaluate.py``,
 ``scripts/reevaluate.py``): a real quickstart run on tiny counts, measured, kept, rendered."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from conftest import load_script
 from dpq_lightning.experiments.reevaluate import protocol_tag, render
 
 ROOT = Path(__file__).parents[1]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("reevaluate", ROOT / "scripts" / "reevaluate.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("scripts/reevaluate.py")
 
 
 def test_protocol_tag_names_the_overrides_and_refuses_others():
