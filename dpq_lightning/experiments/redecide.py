@@ -33,7 +33,8 @@ BITS = (1, 2, 3)
 LEVELS = {
     1: ("lowrank_same_size", "official", "lowrank_same_size_ddpm_only", "floats", "frozen", "ddpm_only",
         "soft_anneal", "alloc", "official_own_size"),
-    2: ("floats", "lowrank_same_size_ddpm_only", "alloc", "soft_anneal", "frozen", "official", "official_own_size"),
+    2: ("floats", "lowrank_same_size_ddpm_only", "alloc", "alloc_ddpm_only", "soft_anneal", "frozen", "official",
+        "official_own_size"),
     3: ("frozen", "lowrank_same_size_ddpm_only", "floats", "output_aware", "soft_anneal", "official",
         "official_own_size"),
 }
