@@ -43,14 +43,14 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .packed import inspect
+    from .export.packed import inspect
 
     print(inspect(args.file, per_param=not args.totals))
     return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from .packed import verify
+    from .export.packed import verify
 
     r = verify(args.file)
     print(f"{args.file}: OK ({r['tensors']} tensors, {r['payload_bytes']:,} payload bytes, sha256 {r['sha256'][:16]}...)")
@@ -73,13 +73,14 @@ def _sample(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from .evaluation.draw import DrawSpec, draw, labelled_grid, labels_for, load_model, load_noise
+    from .evaluation.draw import DrawSpec, draw, labelled_grid, labels_for, load_noise
+    from .export.open import open_model
     from .sampling import model_shape
 
     if not (args.out or args.npz or args.latents):
         raise ValueError("say what to write: --out grid.png, --npz FILE and/or --latents FILE.npy")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(args.file, args.model, args.image_size, args.num_classes, args.arch_json, device)
+    model = open_model(args.file, args.model, args.image_size, args.num_classes, args.arch_json, device)
     shape = model_shape(model)
     noise = load_noise(args.noise, shape) if args.noise else None
     labels = labels_for(args.classes, args.per_class, model.num_classes, None if noise is None else noise.shape[0])
@@ -114,7 +115,7 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .jobs.diffusers_export import export_file
+    from .export.diffusers import export_file
 
     lines = export_file(args.file, args.out, args.format, args.vae_path, args.force, args.model, args.image_size,
                         args.num_classes, args.arch_json)

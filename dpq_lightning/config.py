@@ -11,46 +11,19 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .calibration.config import CalibConfig
+from .data.config import DataConfig
 from .evaluation.config import EvalConfig
+from .models.config import ModelConfig
 from .quant.config import QuantConfig, QuantConfigError
 
 
 class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names the key and file."""
-
-
-@dataclass
-class ModelConfig:
-    """Which DiT, and where its full-precision weights come from (exactly one source)."""
-
-    name: str = "DiT-XL/2"  # a registered size (dpq_lightning.models.known_models())
-    arch: dict[str, Any] = field(default_factory=dict)  # DiTConfig overrides, e.g. {in_channels: 1}
-    checkpoint: str | None = None  # original-format file, e.g. DiT-XL-2-256x256.pt
-    pretrained: str | None = None  # diffusers directory or hub id, e.g. facebook/DiT-XL-2-256
-    random_init: bool = False  # explicit opt-in to random weights (benchmarks, smoke runs)
-
-
-@dataclass
-class DataConfig:
-    """Where calibration inputs come from. ``kind``: ``digits`` (the embedded default),
-    ``latents`` (streamed shards from data/extract_latents.py) or ``teacher`` (zero-data: samples
-    the teacher generates from noise, written once as shards under ``path``)."""
-
-    kind: str = "latents"
-    path: str | None = None  # shard directory (latents, teacher)
-    global_batch_size: int = 256  # = per-device batch x devices x nodes
-    num_workers: int = 0
-    shuffle: bool = True
-    cache_dir: str | None = None  # digits: where its shards are written once
-    teacher_samples: int = 10000  # teacher: how many samples to generate
-    teacher_steps: int = 50  # teacher: DDIM steps per sample
-    teacher_cfg_scale: float = 1.0  # teacher: classifier-free guidance while generating
 
 
 @dataclass

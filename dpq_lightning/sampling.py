@@ -115,9 +115,8 @@ def protocol_sampler(protocol, in_channels: int) -> dict:
 
 
 def model_shape(model: nn.Module) -> tuple[int, int, int]:
-    """The ``(C, H, W)`` a DiT samples (its latent or pixel space)."""
-    c = model.config
-    return (c.in_channels, c.input_size, c.input_size)
+    """The ``(C, H, W)`` a backbone samples (its latent or pixel space; models/interface.py)."""
+    return tuple(model.sample_shape())
 
 
 @torch.no_grad()

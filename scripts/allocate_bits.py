@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     from dpq_lightning.experiments import sensitivity as sens
     from dpq_lightning.jobs.stage1 import predict_size
     from dpq_lightning.models import build_model
-    from dpq_lightning.models.registry import build_dit, resolve_config
+    from dpq_lightning.models.registry import build_named
     from dpq_lightning.quant.plan import make_plan
     from dpq_lightning.quant.sensitivity import parse_setting
 
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     m = cfg.model
     teacher = build_model(m.name, m.arch, m.checkpoint, m.pretrained, m.random_init)
     with torch.device("meta"):
-        meta_model = build_dit(resolve_config(m.name, **m.arch))
+        meta_model = build_named(m.name, **m.arch)
     # The uniform cell's size is its stage-1 file: a correction its own calibration may add (the
     # 1-bit cell's calib.lowrank_rank) is not part of the size the allocation has to match.
     uniform = predict_size(replace(cfg, stage1_only=True))

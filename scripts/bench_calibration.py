@@ -199,7 +199,7 @@ def _xl_student_teacher(packed: str | None):
             if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
                 torch.nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
     if packed:
-        from dpq_lightning.packed import load_packed
+        from dpq_lightning.export.packed import load_packed
 
         return load_packed(packed), teacher
     student = copy.deepcopy(teacher)

@@ -204,7 +204,7 @@ def phase_calib(meter: Meter, add, teacher: nn.Module, student: nn.Module, calib
 def phase_sampling(meter: Meter, add, teacher: nn.Module, student: nn.Module, batch: int, steps: int) -> None:
     """6. DDIM with guidance 1.5: float model, packed model (decoded in every forward), packed
     model in inference mode (decoded once at load)."""
-    from dpq_lightning.packed import load_packed, save_packed
+    from dpq_lightning.export.packed import load_packed, save_packed
     from dpq_lightning.sampling import model_shape, sample
 
     dev = next(teacher.parameters()).device

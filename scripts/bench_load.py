@@ -48,7 +48,7 @@ if variant == "previous":
     spec.loader.exec_module(mod)
     load = lambda: mod.load_packed(path)
 else:
-    from dpq_lightning.packed import load_packed
+    from dpq_lightning.export.packed import load_packed
     kw = {"this": {}, "this, verify=False": {"verify": False}, "this, decode=True": {"decode": True}}[variant]
     load = lambda: load_packed(path, **kw)
 from dpq_lightning.quant.accounting import in_memory_bytes
@@ -106,7 +106,7 @@ def main() -> None:
                 res[v].append(r)
                 print(f"  round {i + 1}: {v:<20} {r['load_s']:6.2f} s", flush=True)
 
-    from dpq_lightning.packed import verify  # imported after the children ran, so not in their way
+    from dpq_lightning.export.packed import verify  # imported after the children ran, so not in their way
 
     ver = []
     for _ in range(args.repeats):

@@ -70,7 +70,7 @@ def digits(packed: str | None) -> tuple[nn.Module, nn.Module]:
     teacher = load_eval_model(teacher=str(ROOT / "checkpoints/digits_teacher.pt"),
                               arch_json=str(ROOT / "checkpoints/digits_teacher.json"))
     if packed:
-        from dpq_lightning.packed import load_packed
+        from dpq_lightning.export.packed import load_packed
 
         return teacher, load_packed(packed)
     torch.manual_seed(0)
@@ -80,7 +80,7 @@ def digits(packed: str | None) -> tuple[nn.Module, nn.Module]:
 
 
 def bench(name: str, teacher: nn.Module, student: nn.Module, batch: int, steps: int, repeats: int) -> dict:
-    from dpq_lightning.packed import load_packed, save_packed
+    from dpq_lightning.export.packed import load_packed, save_packed
     from dpq_lightning.quant.accounting import unique_bytes
     from dpq_lightning.sampling import model_shape, sample
 

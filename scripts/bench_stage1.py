@@ -104,7 +104,7 @@ def run_one(args) -> dict:
 
     from dpq_lightning.quant.quantize import Stage1Ops, has_faiss, run_kmeans
     from dpq_lightning.config import load_config
-    from dpq_lightning.packed import load_packed, save_packed
+    from dpq_lightning.export.packed import load_packed, save_packed
     from dpq_lightning.quant import PQ_MODULES, quantize_
 
     torch.set_num_threads(args.threads)

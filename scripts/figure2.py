@@ -80,7 +80,7 @@ def load_teacher(checkpoint: Path, arch: Path):
     (as ``checkpoints/digits_teacher.json``)."""
     import yaml
 
-    from dpq_lightning.evaluation.offline import load_arch
+    from dpq_lightning.export.open import load_arch
     from dpq_lightning.models import build_model, load_original_checkpoint
 
     if not checkpoint.is_file():
@@ -126,7 +126,7 @@ def compute(args: argparse.Namespace, models: list[tuple[str, Path]], settings: 
     from dpq_lightning.data import balanced_labels
     from dpq_lightning.evaluation.trajectory import block_error_trajectories
     from dpq_lightning.experiments.runner import machine
-    from dpq_lightning.packed import PackedFileError, load_packed
+    from dpq_lightning.export.packed import PackedFileError, load_packed
     from dpq_lightning.sampling import model_shape, spaced_steps
 
     t_start = time.perf_counter()

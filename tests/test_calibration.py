@@ -167,7 +167,7 @@ def teacher_file(trained_small_dit, tmp_path):
 
 
 def _final_state(out):
-    from dpq_lightning.packed import load_packed
+    from dpq_lightning.export.packed import load_packed
 
     return load_packed(Path(out) / "model.dpq").state_dict()
 
@@ -280,7 +280,7 @@ def test_bf16_mixed_calibration_on_cpu(teacher_file, tmp_path):
     """configs/dpq_1bit.yaml calibrates in bf16-mixed: on CPU that is autocast. Losses stay finite,
     the export works, and the packed file holds exactly the fp32 master codebooks and floats of the
     last checkpoint, rounded to their fp16 storage, with the same codes."""
-    from dpq_lightning.packed import load_packed
+    from dpq_lightning.export.packed import load_packed
     from dpq_lightning.jobs.run import run
 
     cfg = load_config("tests/configs/small_run.yaml", _run_cfg(tmp_path, teacher_file, "bf16", "trainer.max_steps=6",

@@ -147,7 +147,7 @@ def test_dpq_plan_json_has_every_size_convention(capsys, bits, authors):
 def test_dpq_inspect_and_errors(small_dit, tmp_path, capsys):
     from conftest import BITS, SMALL_OVERRIDES
 
-    from dpq_lightning.packed import save_packed
+    from dpq_lightning.export.packed import save_packed
     from dpq_lightning.quant import QuantConfig, quantize_
 
     quantize_(small_dit, QuantConfig(**BITS[1], overrides=SMALL_OVERRIDES, kmeans_backend="torch"))

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from dpq_lightning.cli import main
-from dpq_lightning.evaluation.draw import load_model
-from dpq_lightning.jobs.diffusers_export import (EXPORT_INFO, QKVPart, embedder_params, load_compressed_into_diffusers,
+from dpq_lightning.export.open import open_model
+from dpq_lightning.export.diffusers import (EXPORT_INFO, QKVPart, embedder_params, load_compressed_into_diffusers,
                                                  load_transformer)
-from dpq_lightning.packed import load_packed
+from dpq_lightning.export.packed import load_packed
 from dpq_lightning.quant import PQ_MODULES
 from dpq_lightning.quant.accounting import in_memory_bytes, unique_bytes
 
@@ -64,7 +64,7 @@ def test_export_float_digits_teacher(tmp_path, capsys):
     assert main(["export", str(TEACHER), "--format", "diffusers", "--out", str(out),
                  "--arch-json", str(TEACHER_JSON)]) == 0
     printed = capsys.readouterr().out
-    teacher = load_model(TEACHER, arch_json=str(TEACHER_JSON))
+    teacher = open_model(TEACHER, arch_json=str(TEACHER_JSON))
     cfg = teacher.config
     assert (cfg.in_channels, cfg.hidden_size, cfg.depth) == (1, 288, 4)
     assert sorted(p.name for p in out.iterdir()) == [EXPORT_INFO, "scheduler", "transformer"]  # no VAE: no model_index
@@ -94,7 +94,7 @@ def test_export_packed_and_checkpoint(compressed_run, tmp_path, capsys):
     for name, path in (("dpq", compressed_run / "model.dpq"), ("ckpt", compressed_run / "checkpoints" / "last.ckpt")):
         out = tmp_path / name
         assert main(["export", str(path), "--format", "diffusers", "--out", str(out)]) == 0
-        model = load_packed(path) if name == "dpq" else load_model(path)
+        model = load_packed(path) if name == "dpq" else open_model(path)
         assert sum(isinstance(m, PQ_MODULES) for m in model.modules()) == 26  # every weight quantized
         # with the quickstart's rank-1 correction, which the checkpoint path must restore too
         assert {m.weight_pq.lowrank_rank for m in model.modules() if isinstance(m, PQ_MODULES)} == {1}
@@ -180,7 +180,7 @@ def test_pipeline_from_export_with_vae(latent_setup, capsys):
     plain = images(DiTPipeline.from_pretrained(str(out)))
     assert plain.shape == (2, 8, 8, 3) and np.isfinite(plain).all() and 0 <= plain.min() and plain.max() <= 1
     exact = images(DiTPipeline.from_pretrained(str(out), transformer=load_transformer(out)))
-    float_model = load_model(tmp / "dit.pt", arch_json=str(tmp / "dit.json"))
+    float_model = open_model(tmp / "dit.pt", arch_json=str(tmp / "dit.json"))
     from dpq_lightning.models.loading import to_diffusers
 
     pipe = DiTPipeline.from_pretrained(str(out), transformer=to_diffusers(float_model).eval())
@@ -188,7 +188,7 @@ def test_pipeline_from_export_with_vae(latent_setup, capsys):
     assert np.abs(plain - exact).max() > 1e-4  # diffusers' own timestep features change the images
     # the PQ copy kept compressed inside the pipeline draws what its dense export draws
     compressed = images(DiTPipeline.from_pretrained(str(out), transformer=load_compressed_into_diffusers(quantized)))
-    from dpq_lightning.jobs.diffusers_export import export_diffusers
+    from dpq_lightning.export.diffusers import export_diffusers
 
     export_diffusers(quantized, tmp / "pq", vae_path=tmp / "vae")
     dense = images(DiTPipeline.from_pretrained(str(tmp / "pq"), transformer=load_transformer(tmp / "pq")))

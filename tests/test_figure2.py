@@ -105,7 +105,7 @@ def test_block_error_helpers_by_hand():
 @pytest.fixture(scope="module")
 def files(trained_small_dit, tmp_path_factory):
     """A teacher checkpoint, its architecture config and two packed students (1 and 2 bits)."""
-    from dpq_lightning.packed import save_packed
+    from dpq_lightning.export.packed import save_packed
 
     tmp = tmp_path_factory.mktemp("fig2")
     teacher = copy.deepcopy(trained_small_dit).eval()

@@ -103,7 +103,7 @@ def test_save_packed_leaves_one_temp_name_and_ordinary_permissions(tmp_path):
     import os
 
     from dpq_lightning.models import build_dit
-    from dpq_lightning.packed import load_packed, save_packed
+    from dpq_lightning.export.packed import load_packed, save_packed
     from dpq_lightning.quant import QuantConfig, quantize_
 
     model = build_dit("DiT-T/2", input_size=8, in_channels=1, num_classes=10)

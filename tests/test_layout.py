@@ -43,3 +43,64 @@ def test_docs_layout_lists_every_module():
                      if p.name != "__init__.py")
     assert [m for m in modules if m not in names] == []
     assert sorted(n for n in names if not (ROOT / n.rstrip("/")).exists()) == []
+
+
+# The rooms of the package from the bottom up: a module may import its own room and the rooms below
+# it, never one above (docs/architecture.md). Loose root modules are rooms of their own.
+LEVELS = [
+    ("atomic", "torch_files", "distributed", "checkpoint_io", "diffusion"),  # small shared parts
+    ("quant",),  # stage 1: pure tensor math
+    ("models", "sampling"),
+    ("data",),
+    ("export", "calibration", "metrics"),
+    ("evaluation",),
+    ("callbacks", "validate"),
+    ("config", "pretrain"),  # the run config: every section, from its owner
+    ("jobs",),  # wiring
+    ("experiments", "cli"),
+]
+
+
+def package_imports(path: Path, package: Path) -> list[tuple[str, int]]:
+    """(room imported, line) for every runtime import of the package inside ``path``, module-level
+    or inside functions; ``if TYPE_CHECKING:`` blocks are not run and are skipped."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+            and getattr(node.test, "id", getattr(node.test, "attr", None)) == "TYPE_CHECKING"
+            for n in ast.walk(node)}
+    here = list(path.relative_to(package).parent.parts)
+    out = []
+    for node in ast.walk(tree):
+        if id(node) in skip or not isinstance(node, ast.ImportFrom):
+            continue
+        if node.level:
+            target = here[: len(here) - node.level + 1] + (node.module.split(".") if node.module else [])
+            if not node.module:
+                target += [node.names[0].name]
+        elif node.module and node.module.split(".")[0] == "dpq_lightning":
+            target = node.module.split(".")[1:]
+        else:
+            continue
+        if target:
+            out.append((target[0], node.lineno))
+    return out
+
+
+def test_no_import_runs_back_up():
+    package = ROOT / "dpq_lightning"
+    level = {room: i for i, rooms in enumerate(LEVELS) for room in rooms}
+    rooms = {p.stem if p.is_file() else p.name for p in package.iterdir()
+             if (p.suffix == ".py" and p.name != "__init__.py") or (p / "__init__.py").is_file()}
+    assert sorted(rooms - set(level)) == []  # every room has its level: a new one is placed on purpose
+    upward = []
+    for path in package.rglob("*.py"):
+        rel = path.relative_to(package)
+        if rel.name == "__init__.py" and len(rel.parts) == 1:
+            continue
+        room = rel.parts[0].removesuffix(".py")
+        for target, line in package_imports(path, package):
+            if target != room and level[target] > level[room]:
+                upward.append(f"{rel}:{line} ({room}) imports {target}")
+    assert upward == []

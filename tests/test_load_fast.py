@@ -5,15 +5,17 @@ measured by ``scripts/bench_load.py`` (docs/benchmarks.md), not here."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from dpq_lightning import packed
+from dpq_lightning.export import packed
 from dpq_lightning.models import build_dit, get_2d_sincos_pos_embed
-from dpq_lightning.packed import PackedFileError, _unpack, build_skeleton, load_packed, save_packed
+from dpq_lightning.models.interface import FAMILIES
+from dpq_lightning.export.packed import PackedFileError, _unpack, build_skeleton, load_packed, save_packed
 from dpq_lightning.quant import PQ_MODULES, QuantConfig, quantize_, round_to_storage_
 from dpq_lightning.quant.accounting import in_memory_bytes, unique_bytes
 from dpq_lightning.quant.bitpack import pack, unpack
@@ -100,7 +102,7 @@ def test_skeleton_without_init_and_unknown_tensors(tmp_path, monkeypatch):
     assert torch.equal(torch.get_rng_state(), rng)
     assert torch.equal(skel.pos_embed, get_2d_sincos_pos_embed(256, 4).float().unsqueeze(0))
     # a tensor that is neither in the file nor computed by the constructor is an error, not garbage
-    monkeypatch.setattr(packed, "COMPUTED", {})
+    monkeypatch.setitem(FAMILIES, "DiT", dataclasses.replace(FAMILIES["DiT"], computed=()))
     with pytest.raises(PackedFileError, match="'pos_embed', which the file does not hold"):
         load_packed(path)
 

@@ -10,7 +10,7 @@ from conftest import BITS, SMALL_OVERRIDES
 
 from dpq_lightning.calibration import CalibConfig
 from dpq_lightning.calibration import DPQCalibration
-from dpq_lightning.packed import inspect, load_packed, read_metadata, save_packed
+from dpq_lightning.export.packed import inspect, load_packed, read_metadata, save_packed
 from dpq_lightning.quant import PQ_MODULES, QuantConfig, quantize_
 from dpq_lightning.quant.accounting import in_memory_bytes
 from dpq_lightning.quant.quantize import report_of

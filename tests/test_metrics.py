@@ -329,7 +329,7 @@ def test_readme_step6_evaluate_packed_latent_model(tmp_path, digits):
     from diffusers import AutoencoderKL
 
     from dpq_lightning.models import build_dit
-    from dpq_lightning.packed import save_packed
+    from dpq_lightning.export.packed import save_packed
     from dpq_lightning.quant import QuantConfig, quantize_
 
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dpq_lightning.cli import main as dpq_main
-from dpq_lightning.packed import PackedFileError, load_packed, save_packed
+from dpq_lightning.export.packed import PackedFileError, load_packed, save_packed
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def test_loaded_codes_are_uint8_and_memory_is_reported(tmp_path):
     import math
 
     from dpq_lightning.models import build_dit
-    from dpq_lightning.packed import inspect, load_packed, save_packed
+    from dpq_lightning.export.packed import inspect, load_packed, save_packed
     from dpq_lightning.quant import PQ_MODULES, QuantConfig, quantize_
     from dpq_lightning.quant.accounting import in_memory_bytes
 

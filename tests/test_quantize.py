@@ -8,7 +8,7 @@ import torch
 from conftest import BITS, SMALL_OVERRIDES
 from torch import nn
 
-from dpq_lightning.packed import PackedFileError, load_packed, read_metadata, save_packed
+from dpq_lightning.export.packed import PackedFileError, load_packed, read_metadata, save_packed
 from dpq_lightning.quant import PQ_MODULES, BudgetError, GeometryError, QuantConfig, predict_report, quantize_
 
 

@@ -52,9 +52,10 @@ def test_sample_teacher_packed_and_checkpoint(run_dir, capsys):
     assert teacher.shape == packed.shape == (6, 1, 8, 8)
     # the calibration checkpoint of the last step is the exported model, up to the packed file's
     # fp16 storage of codewords and floats: rounded to fp16, the checkpoint's model draws the same
-    from dpq_lightning.evaluation.draw import DrawSpec, draw, load_model
+    from dpq_lightning.evaluation.draw import DrawSpec, draw
+    from dpq_lightning.export.open import open_model
 
-    model = load_model(tmp / "run" / "checkpoints" / "last.ckpt")
+    model = open_model(tmp / "run" / "checkpoints" / "last.ckpt")
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:  # not pos_embed: fixed sin-cos, recomputed in fp32 at load

@@ -7,8 +7,10 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..config import WandbConfig
+if TYPE_CHECKING:  # the type only: the run config sits above the callbacks, which must not import it
+    from ..config import WandbConfig
 
 
 def make_logger(wb: WandbConfig, out: Path, name: str) -> list:

@@ -13,25 +13,31 @@ Why LitData (``litdata``) for storage and streaming:
   the uninterrupted run would have (tested in ``tests/test_data.py``).
 - **Offline from a local directory.** No service, no network: a local path is read in place.
 
-Layout: :mod:`.shards` (format, ``write_shards``, ``validate_shards``, ``merge_shards``),
+Layout: :mod:`.config` (``DataConfig``, the ``data:`` section), :mod:`.shards` (format, ``write_shards``, ``validate_shards``, ``merge_shards``),
 :mod:`.modules` (``LatentDataModule``, ``DigitsDataModule``, teacher samples), :mod:`.extract`
 (images -> SD-VAE latents; the ``data/extract_latents.py`` script is a thin wrapper).
 """
 
-from .modules import (
-    DigitsDataModule,
-    LatentDataModule,
-    TeacherSamplesDataModule,
-    balanced_labels,
-    default_cache_dir,
-    ensure_digits_shards,
-    per_device_batch_size,
-    to_sample,
-    write_teacher_samples,
-)
-from .shards import FORMAT, META_NAME, DataError, merge_shards, read_meta, validate_shards, write_shards
+import importlib
+
+# Loaded on first use (PEP 562), so that reading the data section's config (``data/config.py``, which
+# ``dpq_lightning.config`` imports) does not import Lightning and LitData.
+_HOMES = {name: "modules" for name in (
+    "DigitsDataModule", "LatentDataModule", "TeacherSamplesDataModule", "balanced_labels", "default_cache_dir",
+    "ensure_digits_shards", "per_device_batch_size", "to_sample", "write_teacher_samples")}
+_HOMES.update({name: "shards" for name in (
+    "FORMAT", "META_NAME", "DataError", "merge_shards", "read_meta", "validate_shards", "write_shards")})
+_HOMES["DataConfig"] = "config"
+
+
+def __getattr__(name: str):
+    if name in _HOMES:
+        return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
+    "DataConfig",
     "DataError",
     "DigitsDataModule",
     "FORMAT",

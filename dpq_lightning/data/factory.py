@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from ..config import DataConfig
+from .config import DataConfig
 
 
 def build_datamodule(data: DataConfig, teacher: torch.nn.Module, seed: int) -> L.LightningDataModule:
@@ -16,11 +16,10 @@ def build_datamodule(data: DataConfig, teacher: torch.nn.Module, seed: int) -> L
                                 shuffle=data.shuffle, seed=seed)
     if not data.path:
         raise ValueError(f"data.path is required for data.kind={data.kind!r}")
-    c = teacher.config
-    shape = (c.in_channels, c.input_size, c.input_size)
+    shape = tuple(teacher.sample_shape())  # (C, H, W): the backbone interface (models/interface.py)
     if data.kind == "latents":
         return LatentDataModule(data.path, data.global_batch_size, num_workers=data.num_workers, shuffle=data.shuffle,
-                                seed=seed, expect_shape=shape, expect_num_classes=c.num_classes)
+                                seed=seed, expect_shape=shape, expect_num_classes=teacher.num_classes)
     if data.kind == "teacher":
         from ..sampling import sample
 
@@ -28,7 +27,7 @@ def build_datamodule(data: DataConfig, teacher: torch.nn.Module, seed: int) -> L
             return sample(teacher, labels, shape, steps=data.teacher_steps, cfg_scale=data.teacher_cfg_scale,
                           method="ddim", generator=gen)
 
-        return TeacherSamplesDataModule(sample_fn, data.teacher_samples, c.num_classes, data.path,
+        return TeacherSamplesDataModule(sample_fn, data.teacher_samples, teacher.num_classes, data.path,
                                         data.global_batch_size, num_workers=data.num_workers, shuffle=data.shuffle,
                                         seed=seed, expect_shape=shape)
     raise ValueError(f"data.kind must be digits, latents or teacher, got {data.kind!r}")

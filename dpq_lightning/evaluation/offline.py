@@ -160,31 +160,17 @@ def vae_decoder(vae) -> Callable[[Tensor], Tensor]:
 # ------------------------------------------------------------------------------------- models
 
 
-def load_arch(path: str | os.PathLike):
-    """A DiTConfig from JSON: a training info file with ``"arch"`` (as ``checkpoints/digits_teacher.json``)
-    or a plain dict of DiTConfig fields, optionally with ``"name"`` of a registered size."""
-    from ..models import resolve_config
-
-    doc = json.loads(Path(path).read_text())
-    arch = dict(doc.get("arch", doc))
-    name = arch.pop("name", None)
-    return resolve_config(name, **arch) if name else resolve_config(arch)
-
-
 def load_eval_model(packed: str | None = None, teacher: str | None = None, arch_json: str | None = None,
                     device: str | torch.device = "cpu") -> nn.Module:
-    """A packed ``.dpq`` model, or a float checkpoint in the original DiT layout + its arch JSON."""
+    """A packed ``.dpq`` model, or a float checkpoint in the original DiT layout + its arch JSON
+    (:func:`dpq_lightning.export.open.open_model` with the evaluation config's two keys)."""
+    from ..export.open import open_model
+
     if (packed is None) == (teacher is None):
         raise ValueError("give exactly one of packed (a .dpq file) or teacher (a .pt checkpoint)")
-    if packed is not None:
-        from ..packed import load_packed
-
-        return load_packed(packed, device=device).eval()
-    if arch_json is None:
+    if packed is None and arch_json is None:
         raise ValueError("a float checkpoint needs arch_json (e.g. checkpoints/digits_teacher.json)")
-    from ..models import load_original_checkpoint
-
-    return load_original_checkpoint(teacher, load_arch(arch_json)).to(device).eval()
+    return open_model(packed or teacher, arch_json=None if packed else arch_json, device=device)
 
 
 # ------------------------------------------------------------------------------------- sharding

@@ -124,7 +124,7 @@ def run_dir_models(run: Path, overrides: list[str] | None = None):
     ``overrides``: ``key=value`` applied to its config (say a smaller ``eval.num_samples``)."""
     from ..config import load_config
     from ..models import build_model
-    from ..packed import load_packed
+    from ..export.packed import load_packed
 
     for f in ("config.yaml", "model.dpq"):
         if not (run / f).is_file():

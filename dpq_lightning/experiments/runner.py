@@ -52,7 +52,7 @@ def resolved(entry: Entry, out: Path, seed: int, overrides: list[str]):
 def share_stage1(key: str, seed_dir: Path, out: Path) -> bool:
     """Copy the first ``stage1.dpq`` under ``seed_dir/*/`` whose key is ``key`` into ``out``; the
     run's own key check then loads it (and would recompute a mismatch, never use it)."""
-    from ..packed import STAGE1_FILE
+    from ..export.packed import STAGE1_FILE
 
     for key_file in sorted(seed_dir.glob("*/stage1.key")):
         src = key_file.parent

@@ -9,7 +9,7 @@ import torch
 
 from ..atomic import write_json_atomic, write_text_atomic
 from ..config import RunConfig
-from ..packed import load_packed, save_packed
+from ..export.packed import load_packed, save_packed
 from ..quant import SizeReport, report_of, round_to_storage_
 
 

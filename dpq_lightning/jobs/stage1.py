@@ -23,7 +23,7 @@ from ..atomic import write_json_atomic, write_text_atomic
 from ..config import RunConfig, save_resolved
 from ..distributed import is_first_process
 from ..models import build_model
-from ..packed import STAGE1_FILE, load_packed, save_packed
+from ..export.packed import STAGE1_FILE, load_packed, save_packed
 from ..quant import QuantConfig, SizeReport, quantize_, report_of
 from ..quant.state import state_of
 
@@ -93,11 +93,11 @@ def predict_size(cfg: RunConfig) -> SizeReport:
     """The size report of the file ``cfg`` writes, from shapes alone (a meta-device model: no
     weights, no k-means), a calibration's low-rank correction included. ``dpq plan`` prints it; the
     miniature's arithmetic table compares two of them."""
-    from ..models.registry import build_dit, resolve_config
+    from ..models.registry import build_named
     from ..quant import predict_report
 
     with torch.device("meta"):
-        model = build_dit(resolve_config(cfg.model.name, **cfg.model.arch))
+        model = build_named(cfg.model.name, **cfg.model.arch)
     return predict_report(model, cfg.quant, 0 if cfg.stage1_only else cfg.calib.lowrank_rank)
 
 

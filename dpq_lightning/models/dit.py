@@ -17,20 +17,20 @@ T = (H/p)*(W/p) tokens, D hidden size, h heads, d = D/h head size, F frequency d
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .interface import DictConfig
+
 __all__ = ["DiTConfig", "DiT", "timestep_embedding", "get_2d_sincos_pos_embed"]
 
 
 @dataclass
-class DiTConfig:
+class DiTConfig(DictConfig):
     """Constructor arguments of the original ``DiT`` class (defaults = DiT-XL/2 at 256px)."""
 
     input_size: int = 32
@@ -79,17 +79,6 @@ class DiTConfig:
     @property
     def num_patches(self) -> int:
         return (self.input_size // self.patch_size) ** 2
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "DiTConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"DiTConfig got unknown keys {unknown}; known keys are {sorted(known)}")
-        return cls(**dict(data))
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
@@ -274,6 +263,10 @@ class DiT(nn.Module):
                 "this DiT has no null-class row (class_dropout_prob=0), so it cannot run unconditionally / with CFG"
             )
         return self.num_classes
+
+    def sample_shape(self) -> tuple[int, int, int]:
+        """The ``(C, H, W)`` this DiT samples (its latent or pixel space)."""
+        return (self.in_channels, self.config.input_size, self.config.input_size)
 
     def initialize_weights(self) -> None:
         """Original DiT init; adaLN and output layers start at zero so each block starts as identity."""

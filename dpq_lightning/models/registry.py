@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from torch import nn
+
 from .dit import DiT, DiTConfig
 
-__all__ = ["DIT_ARCHS", "known_models", "get_config", "resolve_config", "build_dit"]
+__all__ = ["DIT_ARCHS", "known_models", "get_config", "resolve_config", "build_dit", "build_named"]
 
 # name -> architecture fields; everything else (input_size, in_channels, ...) keeps DiTConfig defaults.
 DIT_ARCHS: dict[str, dict[str, int]] = {}
@@ -26,11 +28,14 @@ DIT_ARCHS["DiT-T/2"] = dict(depth=2, hidden_size=64, num_heads=4, patch_size=2)
 
 
 def known_models() -> list[str]:
-    return list(DIT_ARCHS)
+    """Every registered size name, of every model family (models/interface.py)."""
+    from .interface import FAMILIES
+
+    return [name for family in FAMILIES.values() for name in family.sizes()]
 
 
 def get_config(name: str, **overrides: Any) -> DiTConfig:
-    """Config of a registered size; ``overrides`` may change any DiTConfig field."""
+    """Config of a registered DiT size; ``overrides`` may change any DiTConfig field."""
     if name not in DIT_ARCHS:
         raise ValueError(f"unknown DiT model {name!r}; known models: {', '.join(DIT_ARCHS)}")
     return DiTConfig.from_dict({**DIT_ARCHS[name], **overrides})
@@ -56,3 +61,12 @@ def build_dit(name_or_config: str | DiTConfig | Mapping[str, Any] = "DiT-XL/2", 
     Wrap in ``with torch.device("meta"):`` to inspect shapes/counts without allocating weights.
     """
     return DiT(resolve_config(name_or_config, **overrides))
+
+
+def build_named(name: str, **overrides: Any) -> nn.Module:
+    """A freshly initialised model of any family by its registered size name, with config
+    ``overrides`` (``build_named("PixArt-T/2", num_classes=10)``)."""
+    from .interface import named_size
+
+    family, fields = named_size(name)
+    return family.build({**fields, **overrides})

@@ -2,7 +2,7 @@
 
 The layout is derived from a *structure* description (plain JSON-able dicts), so the same code
 sizes a plan before any k-means (for the budget) and a quantized model (for the report and for
-``dpq_lightning.packed``, which writes exactly these tensors with safetensors).
+``dpq_lightning.export.packed``, which writes exactly these tensors with safetensors).
 
 Per quantized module ``m``: ``m.codes`` (uint8, codes bit-packed at ``ceil(log2 K)`` bits),
 then either ``m.codebooks`` (fp16 ``[G, K, d]``) or ``m.pool`` (fp16 ``[P, d]``) and

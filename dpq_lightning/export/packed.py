@@ -19,14 +19,15 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .quant.accounting import in_memory_bytes
-from .quant.bitpack import bits_for, pack, unpack
-from .quant.geometry import Geometry
-from .quant.layers import PQ_MODULES, PQWeight, _code_dtype, decode_for_inference, empty_wrapper
-from .quant.layout import FORMAT, METADATA_HASH_KEY, NO_CHECKSUM, metadata_for, metadata_sha256, tensor_specs
-from .quant.config import QuantConfig
-from .quant.quantize import model_meta, report_of, structure_of
-from .quant.state import QuantState, set_state, state_of
+from ..models.interface import family_of
+from ..quant.accounting import in_memory_bytes
+from ..quant.bitpack import bits_for, pack, unpack
+from ..quant.geometry import Geometry
+from ..quant.layers import PQ_MODULES, PQWeight, _code_dtype, decode_for_inference, empty_wrapper
+from ..quant.layout import FORMAT, METADATA_HASH_KEY, NO_CHECKSUM, metadata_for, metadata_sha256, tensor_specs
+from ..quant.config import QuantConfig
+from ..quant.quantize import model_meta, report_of, structure_of
+from ..quant.state import QuantState, set_state, state_of
 
 
 STAGE1_FILE = "stage1.dpq"  # the name a run gives its stage-1 model, beside its checkpoints/ folder
@@ -82,7 +83,7 @@ def save_packed(model: nn.Module, path: str | os.PathLike) -> Path:
     other file the user writes (not mkstemp's 0600)."""
     from safetensors.torch import save
 
-    from .atomic import write_bytes_atomic
+    from ..atomic import write_bytes_atomic
 
     tensors, meta = packed_tensors(model)
     return write_bytes_atomic(save(tensors, metadata=meta), path)
@@ -161,10 +162,6 @@ def check_schema(doc: dict, path) -> None:
 _INIT_FUNCS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
                "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_")
 
-# Parameters a packed file does not store because the model's constructor computes them without
-# randomness (DiT: the fixed sin-cos position table). Every other tensor of a loaded model must
-# come from the file; load_packed checks that.
-COMPUTED = {"DiT": ("pos_embed",)}
 
 
 @contextmanager
@@ -193,18 +190,19 @@ def _no_random_init():
 
 
 def build_skeleton(meta: dict, init: bool = True) -> nn.Module:
-    """The float model a packed file was made from. ``init=True``: with fresh random weights, as
-    the model's constructor draws them. ``init=False``: only the tensors the constructor computes
-    without randomness (``COMPUTED``) hold values; every other weight is uninitialised memory,
+    """The float model a packed file was made from, looked up by its class name in the model
+    families (``models/interface.py``). ``init=True``: with fresh random weights, as the model's
+    constructor draws them. ``init=False``: only the tensors the constructor computes without
+    randomness (the family's ``computed``) hold values; every other weight is uninitialised memory,
     which :func:`load_packed` replaces (PQ layers) or overwrites (floats) from the file."""
-    if meta["class"] == "DiT":
-        from .models.dit import DiT, DiTConfig
-
-        if init:
-            return DiT(DiTConfig.from_dict(meta["config"]))
-        with _no_random_init():
-            return DiT(DiTConfig.from_dict(meta["config"]))
-    raise PackedFileError(f"no builder for model class {meta['class']!r}; packed files support DiT models")
+    try:
+        family = family_of(meta["class"])
+    except ValueError as e:
+        raise PackedFileError(f"the file's model class: {e}") from None
+    if init:
+        return family.build(meta["config"])
+    with _no_random_init():
+        return family.build(meta["config"])
 
 
 def _unpack(data: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -347,8 +345,8 @@ def _load_cpu(path: Path, verify: bool) -> nn.Module:
 
 def _check_every_tensor_set(model: nn.Module, structure: dict, cls: str, path) -> None:
     """Every parameter and buffer of the rebuilt model is a PQ tensor from the file, a float from
-    the file or one the constructor computes (``COMPUTED``): none is left as uninitialised memory."""
-    from_file = set(structure["float"]) | set(COMPUTED.get(cls, ()))
+    the file or one the constructor computes (its family's ``computed``): none is left as uninitialised memory."""
+    from_file = set(structure["float"]) | set(family_of(cls).computed)
     pq_prefixes = tuple(f"{m}.weight_pq." for m in structure["pq"])
     for name, _ in [*model.named_parameters(), *model.named_buffers()]:
         if name not in from_file and not name.startswith(pq_prefixes):

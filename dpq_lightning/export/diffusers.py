@@ -65,12 +65,12 @@ class ExportError(ValueError):
 def load_source(path: str | os.PathLike, model_name: str | None = None, image_size: int = 256,
                 num_classes: int = 1000, arch_json: str | None = None) -> DiT:
     """The model in ``path`` (``.dpq``, calibration ``.ckpt`` or float ``.pt``), as ``dpq sample``
-    reads it (:func:`dpq_lightning.evaluation.draw.load_model`), on the CPU in eval mode."""
-    from ..evaluation.draw import load_model
+    reads it (:func:`dpq_lightning.export.open.open_model`), on the CPU in eval mode."""
+    from .open import open_model
 
     path = Path(path)
     try:
-        model = load_model(path, model_name, image_size, num_classes, arch_json, "cpu")
+        model = open_model(path, model_name, image_size, num_classes, arch_json, "cpu")
     except CheckpointMismatchError as err:
         if path.suffix in (".dpq", ".ckpt") or arch_json is not None:
             raise
@@ -189,7 +189,7 @@ def export_diffusers(model: DiT, out: str | os.PathLike, vae_path: str | os.Path
                      f"(classifier-free guidance needs num_classes=1000)")
     notes.append("diffusers' DiT computes timestep features with downscale_freq_shift=1 (the original DiT: 0; "
                  "not storable in its config); for this model's exact function load the transformer with "
-                 "dpq_lightning.jobs.diffusers_export.load_transformer(DIR)")
+                 "dpq_lightning.export.diffusers.load_transformer(DIR)")
     float_model = dequantized(model)
     dmodel = to_diffusers(float_model, original_timestep_freqs=False).eval()  # the patch is not saved anyway
     result = ExportResult(out, [], count_learnable(float_model), sum(p.numel() for p in dmodel.parameters()),
@@ -320,7 +320,7 @@ def compressed_model_class() -> type:
             raise NotImplementedError(
                 "a DiTTransformer2DModel holding PQ layers cannot be saved so that from_pretrained reloads it "
                 "(diffusers builds plain Linear layers and would ignore the codes); keep the packed .dpq "
-                "(dpq_lightning.packed.save_packed) and rebuild with load_compressed_into_diffusers, or write "
+                "(dpq_lightning.export.packed.save_packed) and rebuild with load_compressed_into_diffusers, or write "
                 "dense weights with `dpq export FILE --format diffusers --out DIR`")
 
     return CompressedDiTTransformer2DModel
