@@ -1,5 +1,6 @@
 """Configs: every shipped YAML loads and says true arithmetic; bad keys are named."""
 
+import dataclasses
 import math
 import re
 from pathlib import Path
@@ -99,3 +100,25 @@ def test_saved_config_text_reads_back_through_todays_schema():
     assert older != text and to_dict(load_config_text(older)) == to_dict(cfg)
     with pytest.raises(ConfigError, match="gone_key"):
         load_config_text(text + "gone_key: 1\n")
+
+
+
+def test_quickstart_is_written_out_and_equals_the_winning_recipe():
+    """The quickstart stands alone (no base file) and calibrates as the 1-bit winner's recipe does:
+    the resolved configs differ only in the run's name, folder, checkpoints and evaluation plan."""
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "configs" / "quickstart.yaml").read_text()
+    assert "\nbase:" not in text and not text.startswith("base:")
+    quick = dataclasses.asdict(load_config(str(root / "configs" / "quickstart.yaml")))
+    recipe = dataclasses.asdict(load_config(
+        str(root / "configs" / "mini" / "recipes" / "dpq_1bit_lowrank_same_size_ddpm_only.yaml")))
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        return {k2: v2 for k, v in d.items()
+                for k2, v2 in (flat(v, f"{prefix}{k}.") if isinstance(v, dict) and k != "arch"
+                               else {f"{prefix}{k}": v}).items()}
+
+    a, b = flat(quick), flat(recipe)
+    assert sorted(k for k in a if a[k] != b[k]) == [
+        "eval.every_n_steps", "eval.final", "eval.num_samples", "eval.periodic", "name", "output_dir",
+        "trainer.ckpt_every_n_steps", "trainer.progress_bar"]
