@@ -264,3 +264,23 @@ def test_quant_core_imports_only_torch():
                     top = n.split(".")[0]
                     top_level = node in tree.body
                     assert top in allowed or (top in lazy_ok and not top_level), f"{f.name} imports {n}"
+
+
+def test_codeword_usage_counts_dead_slots_and_pool_entries():
+    from dpq_lightning.quant.layers import PQWeight
+    from dpq_lightning.quant.usage import usage_of
+
+    geo = make_geometry("w", (8, 8), d=2, granularity="column")  # 4 groups of 8 sub-vectors
+    w = PQWeight(geo, K=4, pool_size=6)
+    codes = torch.tensor([[0] * 8, [0, 1, 2, 3] * 2, [1] * 7 + [2], [3] * 8])  # (G=4, N=8)
+    w.codes.copy_(codes)
+    w.pointers.copy_(torch.tensor([[0, 1, 2, 3], [0, 1, 2, 3], [4, 4, 1, 0], [0, 0, 0, 2]]))
+    u = usage_of(w)
+    # slots used: 1 + 4 + 2 + 1; none rare (group 2's slot 2 has 1 of 8 codes, a uniform share is 2)
+    assert (u.slots, u.used_slots, u.rare_slots) == (16, 8, 0)
+    # pool entries reached through used slots: 0 (g0, g1), 1, 2, 3 (g1), 4 (g2 slot 1), 1 (g2 slot 2), 2 (g3)
+    assert (u.pool, u.used_pool) == (6, 5)  # entry 5 is never pointed to
+    big = PQWeight(make_geometry("w", (200, 2), d=2, granularity="layer"), K=2)  # 1 group of 200
+    big.codes.copy_(torch.tensor([[0] * 199 + [1]]))
+    assert (usage_of(big).used_slots, usage_of(big).rare_slots, usage_of(big).pool) == (2, 1, 0)  # 1 < 200/2/10
+    assert (u + usage_of(big)).slots == 18
