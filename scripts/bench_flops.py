@@ -113,13 +113,26 @@ def lowrank_step_flops(xl: dict, rank: int) -> int:
     return 6 * rank * xl["matrix_numel"]
 
 
+def teacher_steps(cfg) -> int:
+    """Steps whose teacher forward runs: every step when the loss reads the teacher (w_rec or w_out);
+    otherwise only the steps that log its block errors (DPQCalibration.compute_losses: every
+    ``log_every_n_steps``-th step and the last)."""
+    steps, every = cfg.trainer.max_steps, max(1, cfg.trainer.log_every_n_steps)
+    if cfg.calib.w_rec or cfg.calib.w_out:
+        return steps
+    return steps // every + (1 if steps % every else 0)
+
+
 def render(cfg, mini: dict, xl: dict, seconds: float) -> str:
     steps, batch = cfg.trainer.max_steps, cfg.data.global_batch_size
     rule, every = cfg.calib.assignment, cfg.calib.assign_every
     n_passes = 0 if rule in ("frozen", "soft") else steps // every
     rank = cfg.calib.lowrank_rank
     lr_step = lowrank_step_flops(xl, rank)
-    total = steps * batch * xl["step"] + n_passes * xl["assign_pass"] + steps * lr_step
+    with_teacher = teacher_steps(cfg)
+    student = xl["step"] - xl["fwd"]  # per sample: the student's forward and backward
+    total = (steps * batch * student + with_teacher * batch * xl["fwd"] + n_passes * xl["assign_pass"]
+             + steps * lr_step)
     lines = [
         "# Full-scale cost: calibrating DiT-XL/2 with the default recipe",
         "",
@@ -147,6 +160,7 @@ def render(cfg, mini: dict, xl: dict, seconds: float) -> str:
         f"| parameters | {xl['params'] / 1e6:.1f} M |",
         f"| forward, per sample | {xl['fwd'] / 1e9:.1f} GFLOP ({xl['fwd'] / 2e9:.1f} GMAC; the DiT paper quotes 118.6 Gflops, counting multiply-adds) |",
         f"| calibration step, per sample (teacher fwd + student fwd + bwd) | {xl['step'] / 1e9:.1f} GFLOP ({xl['step'] / xl['fwd']:.2f}x a forward) |",
+        f"| the same without the teacher's forward (a loss that does not read it, on a step that logs nothing) | {student / 1e9:.1f} GFLOP ({student / xl['fwd']:.2f}x a forward) |",
         f"| one output-aware assignment pass (analytic, d=8, K=256) | {xl['assign_pass'] / 1e12:.2f} TFLOP |",
         *([f"| rank-{rank} correction `W + U V`, per step (not per sample): 6 x {rank} x {xl['matrix_numel'] / 1e6:.1f} M "
            f"quantized weights | {lr_step / 1e9:.1f} GFLOP ({lr_step / (batch * xl['step']):.1e} of a step of {batch}) |"]
@@ -156,9 +170,14 @@ def render(cfg, mini: dict, xl: dict, seconds: float) -> str:
         "",
         f"`{cfg.source}`: {steps} steps x global batch {batch} = {steps * batch / 1e6:.2f} M samples; "
         f"assignment rule `{rule}`" + (f", a pass every {every} steps = {n_passes} passes" if n_passes else
-                                        " (no assignment passes)") + ".",
+                                        " (no assignment passes)") + "; "
+        + (f"the loss reads the teacher (w_rec {cfg.calib.w_rec:g}, w_out {cfg.calib.w_out:g}), so its forward "
+           "runs at every step." if with_teacher == steps else
+           f"the loss is the DDPM loss alone (w_rec 0, w_out 0), so the teacher's forward runs only on the "
+           f"{with_teacher} steps that log its block errors (every {cfg.trainer.log_every_n_steps}th and the last)."),
         "",
-        f"Total: {steps} x {batch} x {xl['step'] / 1e9:.1f} GFLOP"
+        f"Total: {steps} x {batch} x {student / 1e9:.1f} GFLOP + {with_teacher} x {batch} x {xl['fwd'] / 1e9:.1f} GFLOP"
+        " (the teacher)"
         + (f" + {n_passes} x {xl['assign_pass'] / 1e12:.2f} TFLOP" if n_passes else "")
         + (f" + {steps} x {lr_step / 1e9:.1f} GFLOP (the correction)" if rank else "")
         + f" = **{total / 1e15:.0f} PFLOP**.",
