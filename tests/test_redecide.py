@@ -167,6 +167,7 @@ def test_a_candidate_with_fewer_seeds_waits_and_the_verdict_says_so():
 
 def test_levers_are_paired_with_their_base():
     from dpq_lightning.experiments.paired_report import lever_lines
+    from dpq_lightning.experiments.redecide import LEVERS
 
     base = [2.0, 2.1, 1.9, 2.05, 2.0, 1.95]
     recs = records_of({"dpq_1bit_lowrank_same_size_ddpm_only": base,
@@ -184,6 +185,10 @@ def test_levers_are_paired_with_their_base():
     assert len(verdicts) == 2
     assert verdicts[1] == "- repoint_dead below the base by 0.50 (noise ±0.08, 6 pairs)"
     assert "data_aware" in verdicts[0] and "tie" in verdicts[0]
+    # what each lever changes and costs on DiT-XL/2: one row per lever of the level, run or not
+    notes = [ln for ln in text.splitlines() if ln.startswith("| ") and ln.count(" | ") == 2][1:]
+    assert [ln.split(" | ")[0][2:] for ln in notes] == list(LEVERS[1])
+    assert "| float_layers | x/y embedders and the final linear in fp16" in text
     assert lever_lines(1, {"dpq_1bit_lowrank_same_size_ddpm_only": recs["dpq_1bit_lowrank_same_size_ddpm_only"]}, 0.08) == []
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..metrics.catalog import metric as catalog_metric
 from .noise import Cell, compare, pick_default
-from .redecide import INCUMBENT, LADDER, LENGTH, LEVELS, LEVER_BASE, LEVERS, NOT_CANDIDATES
+from .redecide import INCUMBENT, LADDER, LENGTH, LEVELS, LEVER_BASE, LEVER_NOTES, LEVERS, NOT_CANDIDATES
 
 METRICS = ("fid_to_teacher", "mse_to_teacher", "match_teacher", "fid_proxy", "agreement")
 DECIDING = "fid_to_teacher"  # the number the rule and the claims decide by (lower is better)
@@ -160,6 +160,8 @@ def lever_lines(bits: int, records: dict[str, dict[int, dict]], floor: float) ->
         common = set(c.values) & set(ref.values)  # paired key by key: the seeds both have run
         verdict = compare(Cell({k: c.values[k] for k in common}), Cell({k: ref.values[k] for k in common}), floor)
         lines.append(f"- {verdict.text(n.split('lever_', 1)[1], 'the base')}")
+    lines += ["", "| lever | what changes | what it would cost on DiT-XL/2 |", "|---|---|---|"]
+    lines += [f"| {lv} | {LEVER_NOTES[lv][0]} | {LEVER_NOTES[lv][1]} |" for lv in LEVERS[bits]]
     return lines + [""]
 
 

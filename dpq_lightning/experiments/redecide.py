@@ -54,6 +54,25 @@ LENGTH = {"lowrank_same_size_ddpm_only": ((1600, "lowrank_same_size_ddpm_only_16
 # larger pools paid for by the codes (c; allocate_bits.py --pointer-bits 7 and 8).
 LEVER_BASE = {1: "lowrank_same_size_ddpm_only"}
 LEVERS = {1: ("data_aware", "error_feedback", "repoint_dead", "all_stage1", "float_layers", "pool_7bit", "pool_8bit")}
+# What each lever changes and what it would cost on DiT-XL/2: the arithmetic, not a result (the
+# report renders it beside the measured rows). The float layers' bytes: 1.21 M weights (x_embedder
+# 18,432, y_embedder 1,153,152, final_layer.linear 36,864) x 2 bytes. The moments' forwards: 4 batches x
+# 8 timesteps x 256 samples x 237.2 GFLOP (docs/cost-full-scale.md) at 40% of an H100's 989 TFLOP/s.
+LEVER_NOTES = {
+    "data_aware": ("k-means and the pool's merge weighted by each layer's input moments (teacher, 4 batches x 8 t)",
+                   "the moments: ~5 H100-seconds of teacher forwards; the weighted k-means: not measured on XL"),
+    "error_feedback": ("data_aware plus GPTQ-style error feedback across column blocks",
+                       "as data_aware, plus the feedback in stage 1 (CPU): not measured on XL"),
+    "repoint_dead": ("dead group slots re-pointed to the pool entry that lowers their group's error most",
+                     "seconds of stage 1; nothing at calibration"),
+    "all_stage1": ("data_aware + error feedback + repoint_dead", "the sum of the three"),
+    "float_layers": ("x/y embedders and the final linear in fp16, their bytes taken from the codes",
+                     "2.42 MB of fp16 in the 97.5 MB file (codes give it up elsewhere); no extra compute"),
+    "pool_7bit": ("pools of up to 128 entries per layer (7-bit pointers), paid for by code bits",
+                  "a 2x larger pool k-means in stage 1; calibration trains 2x the pool (MBs)"),
+    "pool_8bit": ("pools of up to 256 entries per layer (about the authors' quarter-of-the-codes rule)",
+                  "a 4x larger pool k-means in stage 1; calibration trains 4x the pool (MBs)"),
+}
 LISTS = ("ladder", "recipes", "schemes", "length", "levers")
 # The grid's cells the claims need, per level: configs/mini/<cell>_<b>bit.yaml.
 SCHEMES = ("dpq", "vq", "pq", "dpq_stage1", "vq_stage1")
