@@ -55,7 +55,7 @@ LENGTH = {"lowrank_same_size_ddpm_only": ((1600, "lowrank_same_size_ddpm_only_16
 # At 2 bits the base is 'alloc', the leader of seed 0 (1.33 against the 1-bit winner's recipe's 2.17 there).
 LEVER_BASE = {1: "lowrank_same_size_ddpm_only", 2: "alloc"}
 LEVERS = {1: ("data_aware", "error_feedback", "repoint_dead", "all_stage1", "float_layers", "pool_7bit", "pool_8bit"),
-          2: ("data_aware", "error_feedback", "repoint_dead", "all_stage1", "float_layers")}
+          2: ("data_aware", "error_feedback", "repoint_dead", "all_stage1", "float_layers", "pool_7bit", "pool_8bit")}
 # What each lever changes and what it would cost on DiT-XL/2: the arithmetic, not a result (the
 # report renders it beside the measured rows). The float layers' bytes: 1.21 M weights (x_embedder
 # 18,432, y_embedder 1,153,152, final_layer.linear 36,864) x 2 bytes. The moments' forwards: 4 batches x
