@@ -121,6 +121,7 @@ def test_packed_file_of_an_unregistered_family_is_named(tmp_path, monkeypatch):
         load_packed(path)
 
 
+@pytest.mark.slow
 def test_calibration_runs_on_the_second_family():
     """Block reconstruction hooks PixArt's blocks; a few steps of it alone (a random teacher has no
     data to fit the DDPM loss to) lower the block-output error."""
@@ -144,3 +145,19 @@ def test_calibration_runs_on_the_second_family():
     with torch.no_grad():
         after = float(m.compute_losses(x0, y)["loss_rec"])
     assert after < 0.5 * before, (before, after)  # measured 0.035 -> 0.011
+
+
+@pytest.mark.slow
+def test_dpq_commands_on_a_pixart_file(tmp_path, capsys):
+    """`dpq inspect`, `dpq verify` and `dpq sample` open a packed PixArt as they open a DiT."""
+    from dpq_lightning.cli import main
+
+    student = _pixart()
+    quantize_with_progress(student, QuantConfig(**QUANT))
+    path = save_packed(student, tmp_path / "pixart.dpq")
+    assert main(["inspect", str(path)]) == 0
+    assert "transformer.transformer_blocks.0.scale_shift_table" in capsys.readouterr().out  # kept in float
+    assert main(["verify", str(path)]) == 0 and ": OK (" in capsys.readouterr().out
+    grid = tmp_path / "grid.png"
+    assert main(["sample", str(path), "--out", str(grid), "--steps", "3", "--per-class", "1"]) == 0
+    assert grid.stat().st_size > 1000 and "10 samples" in capsys.readouterr().out
