@@ -14,7 +14,7 @@ from dpq_lightning.calibration.config import CalibConfig
 from dpq_lightning.calibration.module import DPQCalibration
 from dpq_lightning.jobs.stage1 import quantize_with_progress
 from dpq_lightning.models import BlockOutputRecorder, build_model
-from dpq_lightning.models.interface import FAMILIES, check_backbone, config_dict, family_of, named_size
+from dpq_lightning.models.interface import FAMILIES, check_backbone, family_of, named_size
 from dpq_lightning.models.pixart import PixArtConfig, PixArtDiT
 from dpq_lightning.models.registry import build_named, known_models
 from dpq_lightning.export.packed import PackedFileError, build_skeleton, load_packed, read_metadata, save_packed
@@ -66,9 +66,9 @@ def test_registry_lists_both_families_and_names_what_is_wrong():
 
 def test_config_round_trip_and_state_dict_checkpoint(tmp_path):
     model = _pixart()
-    again = family_of("PixArtDiT").build(config_dict(model))
+    again = family_of("PixArtDiT").build(model.config.to_dict())
     assert [(n, p.shape) for n, p in again.named_parameters()] == [(n, p.shape) for n, p in model.named_parameters()]
-    assert config_dict(again) == config_dict(model) == {**dataclasses.asdict(PixArtConfig()), **ARCH}
+    assert again.config.to_dict() == model.config.to_dict() == {**dataclasses.asdict(PixArtConfig()), **ARCH}
     path = tmp_path / "pixart.pt"
     torch.save(model.state_dict(), path)
     loaded = build_model("PixArt-T/2", ARCH, checkpoint=str(path)).eval()

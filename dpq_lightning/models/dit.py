@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .interface import DictConfig
+from .interface import ArchConfig
 
 __all__ = ["DiTConfig", "DiT", "timestep_embedding", "get_2d_sincos_pos_embed"]
 
 
 @dataclass
-class DiTConfig(DictConfig):
+class DiTConfig(ArchConfig):
     """Constructor arguments of the original ``DiT`` class (defaults = DiT-XL/2 at 256px)."""
 
     input_size: int = 32

@@ -23,11 +23,11 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from torch import nn
 
-class DictConfig:
+class ArchConfig:
     """A family's config dataclass as a plain dict and back; unknown keys are rejected by name
     (a packed file's or a run config's ``model.arch`` typo is an error, not a silent default)."""
 
@@ -70,8 +70,9 @@ class Family:
         return self._attr(self.config_class).from_dict(data)
 
     def build(self, config: Mapping[str, Any]) -> nn.Module:
-        """A freshly initialised model of this family from its config's dict."""
-        return self._attr(self.class_name)(self.config_from_dict(config))
+        """A freshly initialised model of this family from its config's dict, checked against the
+        interface (a family missing a part fails here, naming it, not deep inside a stage)."""
+        return check_backbone(self._attr(self.class_name)(self.config_from_dict(config)))
 
 
 FAMILIES: dict[str, Family] = {}
@@ -113,14 +114,6 @@ def check_backbone(model: nn.Module) -> nn.Module:
     if not isinstance(model.blocks, nn.ModuleList):
         raise TypeError(f"{name}.blocks must be an nn.ModuleList, got {type(model.blocks).__name__}")
     return model
-
-
-def config_dict(model: nn.Module) -> dict[str, Any]:
-    """The dict that rebuilds ``model``'s architecture (``family_of(...).build(config_dict(model))``)."""
-    to_dict: Callable[[], dict] | None = getattr(getattr(model, "config", None), "to_dict", None)
-    if to_dict is None:
-        raise TypeError(f"{type(model).__name__} has no config.to_dict(); see models/interface.py")
-    return to_dict()
 
 
 register_family(Family("DiT", "dpq_lightning.models.dit", "DiTConfig", computed=("pos_embed",),

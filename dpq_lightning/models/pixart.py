@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .interface import DictConfig
+from .interface import ArchConfig
 
 # A tiny size for tests and smoke runs (the digits' 8x8 pixels, 1 channel).
 PIXART_ARCHS: dict[str, dict[str, int]] = {
@@ -26,7 +26,7 @@ PIXART_ARCHS: dict[str, dict[str, int]] = {
 
 
 @dataclass
-class PixArtConfig(DictConfig):
+class PixArtConfig(ArchConfig):
     """The diffusers constructor arguments this wrapper uses, plus the label table's size."""
 
     input_size: int = 8
