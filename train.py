@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{label:<20} {fmt(fp)} {fmt(q)}")
             if "floor" in ev:
                 print(f"instrument's noise: the teacher against itself with independent noise, Frechet "
-                      f"{ev['floor']['teacher_vs_teacher_fid']:.3f} (pairing removes it: docs/instrument.md)")
+                      f"{ev['floor']['teacher_vs_teacher_fid']:.3f} (pairing removes it: studies/results/instrument.md)")
     return 0
 
 

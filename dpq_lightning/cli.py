@@ -24,7 +24,7 @@ def _plan(args: argparse.Namespace) -> int:
     from .config import load_config
     from .jobs.stage1 import predict_size
 
-    from .experiments.published import AUTHORS_MB, beside_authors
+    from .quant.published import AUTHORS_MB, beside_authors
 
     cfg = load_config(args.config, args.overrides)
     report = predict_size(cfg)  # shapes only: no weights are allocated or loaded

@@ -57,7 +57,7 @@ def miniature_check(batch: int = 8, lowrank: int = 0) -> dict:
     from dpq_lightning.models.factory import build_model
     from dpq_lightning.quant import quantize_
 
-    cfg = load_config(ROOT / "configs" / "mini" / "dpq_1bit.yaml", ["quant.kmeans_iters=2", "quant.pool.iters=2"])
+    cfg = load_config(ROOT / "studies" / "configs" / "dpq_1bit.yaml", ["quant.kmeans_iters=2", "quant.pool.iters=2"])
     m = cfg.model
     teacher = build_model(m.name, m.arch, str(ROOT / m.checkpoint), m.pretrained, m.random_init).eval()
     student = copy.deepcopy(teacher)

@@ -27,7 +27,7 @@ BITS = {1: dict(d=4, K=16), 2: dict(d=2, K=16), 3: dict(d=2, K=64)}
 
 
 def load_script(relpath: str, name: str | None = None):
-    """A script of the repository (``scripts/allocate_bits.py``) imported as a module: scripts/ and
+    """A script of the repository (``studies/scripts/allocate_bits.py``) imported as a module: scripts/ and
     data/ are not packages. ``name``: the module's name (default: the file's stem)."""
     import importlib.util
 

@@ -110,7 +110,7 @@ def test_pooled_1bit_layers_match_the_objective_exactly():
 
 @pytest.mark.slow
 def test_grouped_layers_match_the_objective_exactly():
-    """The miniature's geometry (configs/mini/dpq_1bit.yaml: d=4, K=16, 96-row x 2-column-block
+    """The miniature's geometry (studies/configs/dpq_1bit.yaml: d=4, K=16, 96-row x 2-column-block
     groups): several column blocks, each with its own H, share one codebook."""
     quant = QuantConfig(d=4, K=16, group_rows=96, group_cols=2, kmeans_iters=3, kmeans_backend="torch",
                         overrides=[{"pattern": "final_layer.linear.weight", "granularity": "layer"},

@@ -1,5 +1,5 @@
 """Error attribution by swapping parts between a compressed student and its teacher
-(``dpq_lightning/experiments/attribution.py``, ``scripts/attribute_error.py``)."""
+(``studies/harness/attribution.py``, ``studies/scripts/attribute_error.py``)."""
 
 import copy
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import BITS, SMALL_OVERRIDES
 
-from dpq_lightning.experiments.attribution import PARTS, attribute, expand, gap_shares, part_params, render, swapped
+from studies.harness.attribution import PARTS, attribute, expand, gap_shares, part_params, render, swapped
 from dpq_lightning.quant import PQ_MODULES, QuantConfig, quantize_
 
 pytestmark = pytest.mark.slow  # every test here calibrates models (the fixture alone takes minutes): pytest -m "not slow" skips them

@@ -476,7 +476,7 @@ def test_soft_temperature_annealing_makes_hardening_free(trained_small_dit):
 
 
 def test_block_reconstruction_alone_leaves_the_final_layer_without_gradient(trained_small_dit):
-    """Why `rec_only` does not calibrate (docs/results-recipes-analysis.md): the reconstruction loss
+    """Why `rec_only` does not calibrate (studies/results/results-recipes-analysis.md): the reconstruction loss
     compares block outputs, so nothing after the last block - the final layer and its adaLN - gets a
     gradient from it; the DDPM loss is what reaches them."""
     x, y = load_digits_tensors()

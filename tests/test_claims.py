@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from dpq_lightning.experiments import claims as C
-from dpq_lightning.experiments import report as R
+from studies.harness import claims as C
+from studies.harness import report as R
 
 
 def _row(scheme, bits, fid, eff, traj=None):

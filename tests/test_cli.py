@@ -161,7 +161,7 @@ def test_dpq_inspect_and_errors(small_dit, tmp_path, capsys):
 
 def test_workflow_size_table_is_the_rendered_one():
     """docs/workflow.md's size table is what size_conventions_table renders from the configs today."""
-    from dpq_lightning.experiments.arithmetic import size_conventions_table
+    from studies.harness.arithmetic import size_conventions_table
 
     doc = (ROOT / "docs" / "workflow.md").read_text()
     assert "\n".join(size_conventions_table(ROOT / "configs")) in doc

@@ -56,9 +56,9 @@ def test_full_scale_configs_meet_their_budget(bits, ratio):
 def test_vq_configs_differ_from_dpq_only_in_grouping():
     """VQ: the same d and K (so the same codes), one codebook per block of rows shared by every
     column position, no pool; the block height buys VQ DPQ's total size (tests/test_grid.py)."""
-    for where in ("", "mini/"):
+    for where in ("configs", "studies/configs"):
         for b in (1, 2, 3):
-            dpq, vq = load_config(f"configs/{where}dpq_{b}bit.yaml"), load_config(f"configs/{where}vq_{b}bit.yaml")
+            dpq, vq = load_config(f"{where}/dpq_{b}bit.yaml"), load_config(f"{where}/vq_{b}bit.yaml")
             assert (vq.quant.d, vq.quant.K) == (dpq.quant.d, dpq.quant.K)
             assert vq.quant.granularity == "rows" and vq.quant.group_rows > 0 and not vq.quant.pool.enabled
             assert vq.calib == dpq.calib and vq.trainer == dpq.trainer  # calibrated by the same recipe
@@ -93,7 +93,7 @@ def test_saved_config_text_reads_back_through_todays_schema():
     unknown key a ConfigError that names it."""
     from dpq_lightning.config import ConfigError, load_config_text, to_dict, to_yaml
 
-    cfg = load_config(Path("configs") / "mini" / "dpq_2bit.yaml")  # lowrank_rank 0 there
+    cfg = load_config(Path("studies") / "configs" / "dpq_2bit.yaml")  # lowrank_rank 0 there
     text = to_yaml(cfg)
     assert to_yaml(load_config_text(text)) == text
     older = text.replace("  lowrank_rank: 0\n", "")
@@ -111,7 +111,7 @@ def test_quickstart_is_written_out_and_equals_the_winning_recipe():
     assert "\nbase:" not in text and not text.startswith("base:")
     quick = dataclasses.asdict(load_config(str(root / "configs" / "quickstart.yaml")))
     recipe = dataclasses.asdict(load_config(
-        str(root / "configs" / "mini" / "recipes" / "dpq_1bit_lowrank_same_size_ddpm_only.yaml")))
+        str(root / "studies" / "configs" / "recipes" / "dpq_1bit_lowrank_same_size_ddpm_only.yaml")))
 
     def flat(d: dict, prefix: str = "") -> dict:
         return {k2: v2 for k, v in d.items()

@@ -1,5 +1,5 @@
 """Figure 2 (block error along the sampling trajectory, absolute and relative): the trajectory
-functions against a hand computation on the small trained DiT, and ``scripts/figure2.py`` end to end
+functions against a hand computation on the small trained DiT, and ``studies/scripts/figure2.py`` end to end
 on tiny counts (teacher checkpoint + two packed students written here)."""
 
 import copy
@@ -25,7 +25,7 @@ SHAPE = (1, 8, 8)
 
 
 def _script():
-    return load_script("scripts/figure2.py")
+    return load_script("studies/scripts/figure2.py")
 
 
 def quantized(teacher, bits: int):
@@ -148,7 +148,7 @@ def test_script_json_png_markdown_and_report_only(files, capsys):
         assert m["sha256"] == hashlib.sha256(data).hexdigest() and m["file_bytes"] == len(data)
         assert m["bits_per_param"] == pytest.approx(8 * len(data) / on_disk["teacher"]["learnable_params"])
     assert on_disk["teacher"]["sha256"] == hashlib.sha256((files / "teacher.pt").read_bytes()).hexdigest()
-    assert on_disk["command"].startswith("python scripts/figure2.py --teacher")
+    assert on_disk["command"].startswith("python studies/scripts/figure2.py --teacher")
     # teacher-followed step 1 is the same x_T for both samplers: the same first row
     first = {(c["model"], c["setting"]): c["relative"][0] for c in on_disk["curves"] if c["follow"] == "teacher"}
     assert first[("ONE", "ddim:3")] == first[("ONE", "ddpm:4")]

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from dpq_lightning.experiments.arithmetic import MIN_SHARE, TOLERANCE, arithmetic_table, size_summary
-from dpq_lightning.experiments.grid import cells, run_grid
-from dpq_lightning.experiments.report import write_report
+from studies.harness.arithmetic import MIN_SHARE, TOLERANCE, arithmetic_table, size_summary
+from studies.harness.grid import cells, run_grid
+from studies.harness.report import write_report
 
 ROOT = Path(__file__).parents[1]
 SIZE_KEYS = {"bytes_codes", "bytes_codebooks", "bytes_pointers", "bytes_pool", "bytes_float", "bytes_header",
@@ -34,7 +34,7 @@ def test_plan_json_has_the_summary_size_keys():
 
 
 def test_miniature_size_arithmetic_is_dit_xl2s():
-    rows = arithmetic_table(ROOT / "configs")
+    rows = arithmetic_table(ROOT / "configs", ROOT / "studies" / "configs")
     assert [(r["scheme"], r["bits"]) for r in rows] == [(s, b) for b in (1, 2, 3) for s in ("VQ", "PQ", "DPQ")]
     for r in rows:
         assert abs(r["rel"]["effective_bits"]) <= TOLERANCE, (r["scheme"], r["bits"], r["rel"])
@@ -51,10 +51,10 @@ def test_miniature_size_arithmetic_is_dit_xl2s():
 @pytest.mark.parametrize("bits", [1, 2, 3])
 def test_vq_and_dpq_have_equal_total_size(bits):
     """Claim 1 compares at equal size: the two files of a level are within 5% of each other."""
-    for where in ("", "mini/"):
+    for where in (ROOT / "configs", ROOT / "studies" / "configs"):
         for stage1 in (True, False):  # stage 1's files, and the calibrated ones (a correction added to both)
-            vq = size_summary(ROOT / "configs" / f"{where}vq_{bits}bit.yaml", stage1)["effective_bits"]
-            dpq = size_summary(ROOT / "configs" / f"{where}dpq_{bits}bit.yaml", stage1)["effective_bits"]
+            vq = size_summary(where / f"vq_{bits}bit.yaml", stage1)["effective_bits"]
+            dpq = size_summary(where / f"dpq_{bits}bit.yaml", stage1)["effective_bits"]
             assert abs(vq / dpq - 1) <= 0.05, (where, bits, stage1, vq, dpq)
 
 
@@ -62,7 +62,7 @@ def test_every_cell_has_a_config_that_loads():
     from dpq_lightning.config import load_config
 
     for c in cells():
-        cfg = load_config(ROOT / "configs" / "mini" / f"{c.name}.yaml")
+        cfg = load_config(ROOT / "studies" / "configs" / f"{c.name}.yaml")
         assert cfg.stage1_only == (not c.calibrated)
         assert cfg.model.checkpoint == "checkpoints/digits_teacher.pt" and cfg.data.kind == "digits"
 
@@ -76,7 +76,7 @@ def test_grid_runs_through_train_py_and_resumes(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # the configs name checkpoints/ relative to the repository
     lines: list[str] = []
     results, runs = tmp_path / "results", tmp_path / "runs"
-    dest = run_grid(5, ROOT / "configs" / "mini", runs, results, QUICK + [f"eval.teacher_cache={tmp_path / 'cache'}"], bits=(1,), log=lines.append)
+    dest = run_grid(5, ROOT / "studies" / "configs", runs, results, QUICK + [f"eval.teacher_cache={tmp_path / 'cache'}"], bits=(1,), log=lines.append)
     names = [c.name for c in cells((1,))]
     assert names == ["vq_1bit_stage1", "pq_1bit_stage1", "dpq_1bit_stage1", "vq_1bit", "dpq_1bit"]
     assert len(lines) == 5 and all("FID-proxy" in ln for ln in lines)
@@ -104,9 +104,9 @@ def test_grid_runs_through_train_py_and_resumes(tmp_path, monkeypatch):
     assert len(traj) == 3 and len(traj[0]) == 4  # 3 sampling steps x 4 blocks
     # resumed: nothing runs again
     again: list[str] = []
-    run_grid(5, ROOT / "configs" / "mini", runs, results, QUICK + [f"eval.teacher_cache={tmp_path / 'cache'}"], bits=(1,), log=again.append)
+    run_grid(5, ROOT / "studies" / "configs", runs, results, QUICK + [f"eval.teacher_cache={tmp_path / 'cache'}"], bits=(1,), log=again.append)
     assert len(again) == 5 and all("skipped" in ln for ln in again)
-    md = write_report(results, ROOT / "configs", tmp_path / "report.md").read_text()
+    md = write_report(results, ROOT / "configs", ROOT / "studies" / "configs", tmp_path / "report.md").read_text()
     assert md.count("**Claim ") == 4 and "(seeds 5)" in md
     assert "| DPQ+calib | 1 |" in md and "| VQ | 1 | 1.229 / 1.177" in md
     for png in ("report-fid-vs-bits.png", "report-trajectory.png"):
@@ -123,7 +123,7 @@ def test_grid_runs_through_train_py_and_resumes(tmp_path, monkeypatch):
                 rec["summary"]["eval"]["student"]["fid_proxy"] *= 2
         (results / "seed6" / f.name).write_text(json.dumps(rec))
     fid = recs["dpq_1bit"]["summary"]["eval"]["student"]["fid_proxy"]
-    md2 = write_report(results, ROOT / "configs", tmp_path / "report2.md").read_text()
+    md2 = write_report(results, ROOT / "configs", ROOT / "studies" / "configs", tmp_path / "report2.md").read_text()
     assert "(seeds 5, 6)" in md2 and md2.count("- means over seeds: ") == 4
     assert f"| DPQ+calib | 1 | {1.5 * fid:.1f} [{fid:.1f} / {2 * fid:.1f}] | 2.00x |" in md2
 
@@ -132,13 +132,13 @@ def test_a_half_finished_run_is_kept_only_for_the_same_config(tmp_path):
     """The list runner keeps a run folder without a record (interrupted) when its config.yaml is
     the config about to run - run() then resumes from its last.ckpt - and wipes it otherwise."""
     from dpq_lightning.config import load_config, save_resolved, to_yaml
-    from dpq_lightning.experiments.runner import same_config
+    from studies.harness.runner import same_config
 
-    cfg = load_config(ROOT / "configs" / "mini" / "dpq_1bit.yaml", [f"output_dir={tmp_path}"])
+    cfg = load_config(ROOT / "studies" / "configs" / "dpq_1bit.yaml", [f"output_dir={tmp_path}"])
     assert not same_config(tmp_path, to_yaml(cfg))  # nothing there yet
     save_resolved(cfg, tmp_path / "config.yaml")
     assert same_config(tmp_path, to_yaml(cfg))
-    other = load_config(ROOT / "configs" / "mini" / "dpq_1bit.yaml", [f"output_dir={tmp_path}", "seed=1"])
+    other = load_config(ROOT / "studies" / "configs" / "dpq_1bit.yaml", [f"output_dir={tmp_path}", "seed=1"])
     assert not same_config(tmp_path, to_yaml(other))
 
 
@@ -147,14 +147,14 @@ def test_same_experiment_ignores_names_and_keys_the_rule_never_reads():
     assignment rule never reads are the same run; any other difference is another run."""
     from dpq_lightning.calibration import CalibConfig
     from dpq_lightning.config import load_config, to_yaml
-    from dpq_lightning.experiments.runner import same_experiment
+    from studies.harness.runner import same_experiment
 
     assert set(CalibConfig(assignment="frozen").unused_keys()) >= {"soft_lr", "soft_candidates", "assign_every"}
     assert "soft_lr" not in CalibConfig(assignment="soft").unused_keys()
     assert "assign_every" not in CalibConfig(assignment="output_aware").unused_keys()
 
     def cfg(path, *over):
-        return load_config(ROOT / "configs" / "mini" / path, list(over))
+        return load_config(ROOT / "studies" / "configs" / path, list(over))
 
     frozen = to_yaml(cfg("dpq_2bit.yaml"))
     assert cfg("dpq_2bit.yaml").calib.assignment == "frozen"
@@ -185,12 +185,12 @@ def test_a_cell_takes_the_record_of_the_same_run_from_another_list(tmp_path, mon
     """The grid's calibrated cell is the recipe comparison's winning run under another name: the
     runner takes that record (marked) instead of running it again, and nothing else."""
     from dpq_lightning.config import to_yaml
-    from dpq_lightning.experiments.runner import Entry, resolved, run_entries
+    from studies.harness.runner import Entry, resolved, run_entries
 
     monkeypatch.chdir(ROOT)
     other = tmp_path / "results-recipes"
     (other / "seed3").mkdir(parents=True)
-    entry = Entry("dpq_1bit", ROOT / "configs" / "mini" / "dpq_1bit.yaml", {"scheme": "DPQ", "bits": 1, "calibrated": True})
+    entry = Entry("dpq_1bit", ROOT / "studies" / "configs" / "dpq_1bit.yaml", {"scheme": "DPQ", "bits": 1, "calibrated": True})
     theirs = resolved(entry, tmp_path / "runs-recipes" / "seed3" / "soft_anneal", 3, ["name=mini_dpq_1bit_soft_anneal"])
     summary = {"eval": {"student": {"fid_proxy": 6.5, "agreement": 0.99}}, "size": {"effective_bits": 1.205}}
     (other / "seed3" / "dpq_1bit_soft_anneal.json").write_text(json.dumps(
@@ -214,7 +214,7 @@ def test_a_cell_takes_the_record_of_the_same_run_from_another_list(tmp_path, mon
 def test_list_cost_counts_records_written_before_they_stored_their_name(tmp_path):
     """The grid's seed-0 records of 2026-12-02 have 'cell' but no 'name': the cost is summed by
     position, so re-running that seed's list (every cell skipped) still writes its grid.json."""
-    from dpq_lightning.experiments.runner import write_meta
+    from studies.harness.runner import write_meta
 
     meta = write_meta(tmp_path, 0, ["a", "b"], [{"cell": "a", "seconds": 5.0}, {"name": "b", "seconds": 2.5}],
                       None, "grid.json")

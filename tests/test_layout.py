@@ -34,13 +34,13 @@ def test_readme_lists_every_package_and_nothing_that_is_gone():
     packages = sorted(f"dpq_lightning/{p.name}/" for p in (ROOT / "dpq_lightning").iterdir()
                       if p.is_dir() and (p / "__init__.py").is_file())
     assert [p for p in packages if p not in names] == []
-    assert {"configs/", "data/", "docs/", "scripts/", "tests/", "train.py"} <= set(names)
+    assert {"configs/", "data/", "docs/", "scripts/", "studies/", "tests/", "train.py"} <= set(names)
 
 
 def test_docs_layout_lists_every_module():
     names = set(listed((ROOT / "docs" / "layout.md").read_text()))
-    modules = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "dpq_lightning").rglob("*.py")
-                     if p.name != "__init__.py")
+    modules = sorted(str(p.relative_to(ROOT)) for top in ("dpq_lightning", "studies/harness")
+                     for p in (ROOT / top).rglob("*.py") if p.name != "__init__.py")
     assert [m for m in modules if m not in names] == []
     assert sorted(n for n in names if not (ROOT / n.rstrip("/")).exists()) == []
 
@@ -57,7 +57,7 @@ LEVELS = [
     ("callbacks", "validate"),
     ("config", "pretrain"),  # the run config: every section, from its owner
     ("jobs",),  # wiring
-    ("experiments", "cli"),
+    ("cli",),
 ]
 
 
@@ -104,3 +104,20 @@ def test_no_import_runs_back_up():
             if target != room and level[target] > level[room]:
                 upward.append(f"{rel}:{line} ({room}) imports {target}")
     assert upward == []
+
+
+def test_the_library_never_imports_the_studies():
+    """studies/ is the lab notebook beside the library: it imports dpq_lightning, never the reverse,
+    and the miniature's configs and results live there, not in configs/ or docs/."""
+    import ast
+
+    found = []
+    for path in (ROOT / "dpq_lightning").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            found += [f"{path.relative_to(ROOT)}:{node.lineno}" for n in names if n.split(".")[0] == "studies"]
+    assert found == []
+    assert not (ROOT / "configs" / "mini").exists() and not (ROOT / "dpq_lightning" / "experiments").exists()
+    assert sorted(p.name for p in (ROOT / "docs").glob("results-*")) == []
+    assert (ROOT / "studies" / "configs" / "_miniature.yaml").is_file()

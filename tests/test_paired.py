@@ -153,7 +153,7 @@ def test_evaluate_script_pairs_with_the_shipped_teacher_by_default(tmp_path):
 
 
 def test_noise_rule_calls_small_differences_ties():
-    from dpq_lightning.experiments.noise import Cell, compare, pick_default
+    from studies.harness.noise import Cell, compare, pick_default
 
     keys = [(s, e) for s in range(3) for e in range(2)]
     base = Cell({k: 2.0 + 0.1 * i for i, k in enumerate(keys)})

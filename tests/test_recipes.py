@@ -9,19 +9,19 @@ import torch
 import yaml
 
 from dpq_lightning.config import load_config
-from dpq_lightning.experiments.runner import QUICK
-from dpq_lightning.experiments.recipe_report import write_report
-from dpq_lightning.experiments.recipes import (BITS, DEFAULT_LEVELS, OFFICIAL, ONLY_BITS, QUANT_RECIPES, RECIPES, choose, entries,
+from studies.harness.runner import QUICK
+from studies.harness.recipe_report import write_report
+from studies.harness.recipes import (BITS, DEFAULT_LEVELS, OFFICIAL, ONLY_BITS, QUANT_RECIPES, RECIPES, choose, entries,
                                                run_recipes)
 
 ROOT = Path(__file__).parents[1]
-PINNED = yaml.safe_load((ROOT / "configs" / "mini" / "recipes" / "_baseline.yaml").read_text())["calib"]
+PINNED = yaml.safe_load((ROOT / "studies" / "configs" / "recipes" / "_baseline.yaml").read_text())["calib"]
 
 
 @pytest.mark.parametrize("bits", BITS)
 def test_every_recipe_differs_from_its_cell_only_in_calibration_or_data(bits):
-    base = load_config(ROOT / "configs" / "mini" / f"dpq_{bits}bit.yaml", ["output_dir=x"])
-    for e in entries(ROOT / "configs" / "mini", (bits,)):
+    base = load_config(ROOT / "studies" / "configs" / f"dpq_{bits}bit.yaml", ["output_dir=x"])
+    for e in entries(ROOT / "studies" / "configs", (bits,)):
         cfg = load_config(e.config, ["output_dir=x"])
         assert cfg.model == base.model, e.name
         if e.meta["recipe"] in OFFICIAL:
@@ -57,9 +57,9 @@ def test_every_recipe_differs_from_its_cell_only_in_calibration_or_data(bits):
         expected = {**vars(base.calib), **PINNED, **raw.get("calib", {})}
         assert vars(cfg.calib) == expected, (e.name, {k for k in expected if expected[k] != vars(cfg.calib)[k]})
         assert raw["base"] == [f"../dpq_{bits}bit.yaml", "_baseline.yaml"], e.name
-    assert len(entries(ROOT / "configs" / "mini", (bits,))) == sum(bits in ONLY_BITS.get(r, DEFAULT_LEVELS) for r in RECIPES)
-    assert {p.name for p in (ROOT / "configs" / "mini" / "recipes").glob(f"dpq_{bits}bit_*.yaml")} == {
-        e.config.name for e in entries(ROOT / "configs" / "mini", (bits,))}  # every file is a listed recipe
+    assert len(entries(ROOT / "studies" / "configs", (bits,))) == sum(bits in ONLY_BITS.get(r, DEFAULT_LEVELS) for r in RECIPES)
+    assert {p.name for p in (ROOT / "studies" / "configs" / "recipes").glob(f"dpq_{bits}bit_*.yaml")} == {
+        e.config.name for e in entries(ROOT / "studies" / "configs", (bits,))}  # every file is a listed recipe
 
 
 def check_official(e, cfg, base):
@@ -111,7 +111,7 @@ def test_recipes_run_through_train_py_share_stage1_and_render(tmp_path, monkeypa
     lines: list[str] = []
     results, runs = tmp_path / "results", tmp_path / "runs"
     picked = ("frozen", "limited_1pct", "teacher_data")
-    dest = run_recipes(3, ROOT / "configs" / "mini", runs, results, QUICK + [f"eval.teacher_cache={tmp_path / 'cache'}"], bits=(1,), recipes=picked, log=lines.append)
+    dest = run_recipes(3, ROOT / "studies" / "configs", runs, results, QUICK + [f"eval.teacher_cache={tmp_path / 'cache'}"], bits=(1,), recipes=picked, log=lines.append)
     assert len(lines) == 3 and all("FID-proxy" in ln for ln in lines)
     recs = {r: json.loads((dest / f"dpq_1bit_{r}.json").read_text()) for r in picked}
     for r, rec in recs.items():
@@ -129,7 +129,7 @@ def test_recipes_run_through_train_py_share_stage1_and_render(tmp_path, monkeypa
     assert meta["cells"] == [f"dpq_1bit_{r}" for r in picked]
     assert meta["cell_seconds"] == pytest.approx(sum(rec["seconds"] for rec in recs.values()), abs=0.2)
     again: list[str] = []
-    run_recipes(3, ROOT / "configs" / "mini", runs, results, QUICK + [f"eval.teacher_cache={tmp_path / 'cache'}"], bits=(1,), recipes=picked, log=again.append)
+    run_recipes(3, ROOT / "studies" / "configs", runs, results, QUICK + [f"eval.teacher_cache={tmp_path / 'cache'}"], bits=(1,), recipes=picked, log=again.append)
     assert len(again) == 3 and all("skipped" in ln for ln in again)
     md = write_report(results, tmp_path / "recipes.md").read_text()
     assert md.count("| frozen | codes frozen, pool trains |") == 1 and "| teacher_data |" in md
@@ -154,7 +154,7 @@ def test_recipes_run_through_train_py_share_stage1_and_render(tmp_path, monkeypa
 def test_resumed_step_reads_the_checkpoint_a_run_will_resume_from(tmp_path):
     from types import SimpleNamespace
 
-    from dpq_lightning.experiments.runner import resumed_step
+    from studies.harness.runner import resumed_step
 
     cfg = SimpleNamespace(trainer=SimpleNamespace(resume="auto"))
     out = tmp_path / "run"
@@ -170,7 +170,7 @@ def test_resumed_step_reads_the_checkpoint_a_run_will_resume_from(tmp_path):
 
 def test_meta_of_a_seed_accumulates_over_lists(tmp_path):
     """A 2-bit list run after a 1-bit list for the same seed keeps the 1-bit entries and their cost."""
-    from dpq_lightning.experiments.runner import write_meta
+    from studies.harness.runner import write_meta
 
     def record(name, seconds):
         rec = {"name": name, "seconds": seconds}
@@ -187,7 +187,7 @@ def test_meta_of_a_seed_accumulates_over_lists(tmp_path):
 
 
 def test_length_variants_draw_a_curve_and_do_not_compete_for_the_default():
-    from dpq_lightning.experiments.recipes import LENGTH_OF, length_curves
+    from studies.harness.recipes import LENGTH_OF, length_curves
 
     fid = {"floats": {0: 10.0, 1: 12.0}, "floats_1600": {0: 6.0}, "soft_anneal": {0: 7.0}}
     # only the seeds both lengths share (seed 0) enter the curve; soft_anneal has no second point
@@ -198,8 +198,8 @@ def test_length_variants_draw_a_curve_and_do_not_compete_for_the_default():
 
 
 def test_length_points_feed_the_curve_figure_only_where_a_recipe_has_two_lengths(tmp_path):
-    from dpq_lightning.experiments.recipe_report import fig_length
-    from dpq_lightning.experiments.recipes import length_points
+    from studies.harness.recipe_report import fig_length
+    from studies.harness.recipes import length_points
 
     fid = {"lowrank_same_size": {0: 4.7, 1: 4.8}, "lowrank_same_size_6400": {0: 3.9},
            "lowrank_same_size_1600": {0: 4.2, 1: 4.4}, "floats": {0: 12.0}}
@@ -218,7 +218,7 @@ def test_length_points_feed_the_curve_figure_only_where_a_recipe_has_two_lengths
 
 
 def test_a_pick_on_fewer_than_three_seeds_is_called_provisional():
-    from dpq_lightning.experiments.recipe_report import provisional
+    from studies.harness.recipe_report import provisional
 
     fid = {"soft_anneal": {0: 6.6}, "frozen": {0: 7.2}}
     assert provisional(choose(fid)[0], fid) == (" - measured on seed(s) 0 only: provisional; the configs follow the "
@@ -228,8 +228,8 @@ def test_a_pick_on_fewer_than_three_seeds_is_called_provisional():
 
 
 def test_without_a_winner_the_report_names_the_lowest_mean_and_its_seed_record():
-    """The 2-bit case of docs/results-recipes.md: every recipe loses some seed by more than 10%."""
-    from dpq_lightning.experiments.recipe_report import lowest_mean_line
+    """The 2-bit case of studies/results/results-recipes.md: every recipe loses some seed by more than 10%."""
+    from studies.harness.recipe_report import lowest_mean_line
 
     fid = {"alloc": {0: 4.4, 1: 5.6, 2: 4.3}, "frozen": {0: 6.1, 1: 4.8, 2: 5.6}, "floats": {0: 6.6, 1: 5.4, 2: 5.1},
            "floats_1600": {0: 1.0}, "lowrank": {0: 1.0}, "distill": {0: 5.0}}
@@ -240,8 +240,8 @@ def test_without_a_winner_the_report_names_the_lowest_mean_and_its_seed_record()
 
 
 def test_a_recipe_that_adds_bytes_is_set_against_its_base_with_both_sizes():
-    from dpq_lightning.experiments.recipe_report import extra_bytes_lines
-    from dpq_lightning.experiments.recipes import ADDS_BYTES
+    from studies.harness.recipe_report import extra_bytes_lines
+    from studies.harness.recipes import ADDS_BYTES
 
     assert ADDS_BYTES == {"lowrank": "floats"} and "lowrank" in RECIPES
     bits = {"lowrank": 1.286, "floats": 1.205}

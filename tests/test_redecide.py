@@ -1,4 +1,4 @@
-"""scripts/redecide.py's machinery at tiny counts: the lists, one command per seed, resumable, the
+"""studies/scripts/redecide.py's machinery at tiny counts: the lists, one command per seed, resumable, the
 records' noise sets and paired metrics, and the rendered pages (rule, floor, claims, flips)."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_lists_name_existing_configs_and_reject_unknown_ones():
-    from dpq_lightning.experiments.redecide import LEVELS, LEVERS, entries
+    from studies.harness.redecide import LEVELS, LEVERS, entries
 
-    every = entries(ROOT / "configs" / "mini")
+    every = entries(ROOT / "studies" / "configs")
     names = [e.name for e in every]
     assert len(names) == len(set(names)) == (4 + sum(len(v) for v in LEVELS.values()) + 3 * 5 + 5
                                              + sum(len(v) for v in LEVERS.values()))
@@ -22,15 +22,15 @@ def test_the_lists_name_existing_configs_and_reject_unknown_ones():
     assert {"dpq_1bit_official", "dpq_2bit_official", "dpq_3bit_official", "vq_3bit", "dpq_3bit_stage1",
             "dpq_1bit_official_6400", "ladder_pq_8bit"} <= set(names)
     with pytest.raises(ValueError, match="unknown list 'grid'"):
-        entries(ROOT / "configs" / "mini", ("grid",))
+        entries(ROOT / "studies" / "configs", ("grid",))
     with pytest.raises(FileNotFoundError, match="write it before running the list"):
         entries(ROOT / "configs", ("ladder",))  # no configs/ladder/ there
 
 
 def test_only_keeps_the_named_entries_in_the_order_given():
-    from dpq_lightning.experiments.redecide import entries
+    from studies.harness.redecide import entries
 
-    mini = ROOT / "configs" / "mini"
+    mini = ROOT / "studies" / "configs"
     picked = entries(mini, ("recipes",), (1,), only=("alloc", "dpq_1bit_frozen", "lowrank_same_size"), order="only")
     assert [e.name for e in picked] == ["dpq_1bit_alloc", "dpq_1bit_frozen", "dpq_1bit_lowrank_same_size"]
     listed = entries(mini, ("recipes",), (1,), only=("alloc", "lowrank_same_size"))
@@ -42,14 +42,14 @@ def test_only_keeps_the_named_entries_in_the_order_given():
 @pytest.mark.slow
 def test_ladder_runs_resumes_and_renders(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # the configs name checkpoints/ relative to the repository
-    from dpq_lightning.experiments.paired_report import write_reports
-    from dpq_lightning.experiments.redecide import run_list
-    from dpq_lightning.experiments.runner import QUICK
+    from studies.harness.paired_report import write_reports
+    from studies.harness.redecide import run_list
+    from studies.harness.runner import QUICK
 
     results, runs = tmp_path / "results-paired", tmp_path / "runs"
     over = QUICK + [f"eval.teacher_cache={tmp_path / 'cache'}"]
     lines: list[str] = []
-    run_list(0, ROOT / "configs" / "mini", runs, results, over, lists=("ladder",), log=lines.append)
+    run_list(0, ROOT / "studies" / "configs", runs, results, over, lists=("ladder",), log=lines.append)
     assert len(lines) == 4 and all("FID-proxy" in ln for ln in lines)  # a progress line per run
     rec = json.loads((results / "seed0" / "ladder_pq_8bit.json").read_text())
     ev = rec["summary"]["eval"]
@@ -60,7 +60,7 @@ def test_ladder_runs_resumes_and_renders(tmp_path, monkeypatch):
     meta = json.loads((results / "seed0" / "redecide.json").read_text())
     assert meta["cells"] == [f"ladder_pq_{n}bit" for n in (8, 4, 3, 2)] and meta["cell_seconds"] > 0
     again: list[str] = []
-    run_list(0, ROOT / "configs" / "mini", runs, results, over, lists=("ladder",), log=again.append)
+    run_list(0, ROOT / "studies" / "configs", runs, results, over, lists=("ladder",), log=again.append)
     assert len(again) == 4 and all("done before, skipped" in ln for ln in again)
     out = write_reports(results, tmp_path / "results-paired.md")
     md, inst = out.read_text(), (tmp_path / "instrument.md").read_text()
@@ -92,8 +92,8 @@ def records_of(values: dict[str, list[float]], **kw) -> dict:
 
 
 def test_claims_by_the_paired_instrument_call_ties_and_failures():
-    from dpq_lightning.experiments.paired_claims import check
-    from dpq_lightning.experiments.paired_report import cell
+    from studies.harness.paired_claims import check
+    from studies.harness.paired_report import cell
 
     base = [2.0, 2.1, 1.9, 2.05, 2.0, 1.95]
     recs = records_of({
@@ -119,8 +119,8 @@ def test_claims_by_the_paired_instrument_call_ties_and_failures():
     claims = check(one, cell, 0.05)
     c3 = {c["title"].split(" (")[0]: c for c in claims}["Claim 3"]
     assert c3["verdict"] == "NOT HELD (provisional: seed 0 of the 3 needed)"
-    from dpq_lightning.experiments.noise import Pick
-    from dpq_lightning.experiments.paired_report import flipped_lines
+    from studies.harness.noise import Pick
+    from studies.harness.paired_report import flipped_lines
 
     table = "\n".join(flipped_lines({1: Pick(None, None, (), "no verdict yet")}, [c3],
                                     {"defaults": {}, "claims": {"Claim 3": "HELD (seeds 0, 1, 2)"}}))
@@ -128,8 +128,8 @@ def test_claims_by_the_paired_instrument_call_ties_and_failures():
 
 
 def test_the_flip_table_compares_earlier_and_new_verdicts():
-    from dpq_lightning.experiments.noise import Pick
-    from dpq_lightning.experiments.paired_report import flipped_lines
+    from studies.harness.noise import Pick
+    from studies.harness.paired_report import flipped_lines
 
     picks = {1: Pick("floats", "floats", ("floats",), "x"), 2: Pick("floats", "alloc", ("alloc", "floats"), "y"),
              3: Pick(None, None, (), "no verdict yet")}
@@ -147,7 +147,7 @@ def test_the_flip_table_compares_earlier_and_new_verdicts():
 def test_a_candidate_with_fewer_seeds_waits_and_the_verdict_says_so():
     """Seeds 1-2 of the contenders ran first: the rule decides among the candidates measured on
     every seed and names the ones still waiting, instead of comparing unlike sets."""
-    from dpq_lightning.experiments.paired_report import decide_level
+    from studies.harness.paired_report import decide_level
 
     base = [2.0, 2.1, 1.9, 2.05, 2.0, 1.95]
     recs = records_of({"dpq_1bit_lowrank_same_size": [v + 1.5 for v in base],
@@ -166,8 +166,8 @@ def test_a_candidate_with_fewer_seeds_waits_and_the_verdict_says_so():
 
 
 def test_levers_are_paired_with_their_base():
-    from dpq_lightning.experiments.paired_report import lever_lines
-    from dpq_lightning.experiments.redecide import LEVERS
+    from studies.harness.paired_report import lever_lines
+    from studies.harness.redecide import LEVERS
 
     base = [2.0, 2.1, 1.9, 2.05, 2.0, 1.95]
     recs = records_of({"dpq_1bit_lowrank_same_size_ddpm_only": base,
@@ -198,13 +198,13 @@ def test_each_lever_changes_only_stage_1_and_keeps_its_base_size():
     from dataclasses import replace
 
     from dpq_lightning.config import load_config
-    from dpq_lightning.experiments.redecide import LEVER_BASE, LEVERS
+    from studies.harness.redecide import LEVER_BASE, LEVERS
     from dpq_lightning.jobs.stage1 import predict_size
 
     for b, levers in LEVERS.items():
-        base = load_config(ROOT / "configs" / "mini" / "recipes" / f"dpq_{b}bit_{LEVER_BASE[b]}.yaml")
+        base = load_config(ROOT / "studies" / "configs" / "recipes" / f"dpq_{b}bit_{LEVER_BASE[b]}.yaml")
         for lever in levers:
-            cfg = load_config(ROOT / "configs" / "mini" / "levers" / f"dpq_{b}bit_{lever}.yaml")
+            cfg = load_config(ROOT / "studies" / "configs" / "levers" / f"dpq_{b}bit_{lever}.yaml")
             assert cfg.name == f"mini_dpq_{b}bit_lever_{lever}", lever
             assert replace(cfg, name=base.name, output_dir=base.output_dir, quant=base.quant) == base, lever
             assert cfg.quant != base.quant, lever

@@ -1,5 +1,5 @@
-"""Finished runs evaluated again under another protocol (``dpq_lightning/experiments/reevaluate.py``,
-``scripts/reevaluate.py``): a real quickstart run on tiny counts, measured, kept, rendered."""
+"""Finished runs evaluated again under another protocol (``studies/harness/reevaluate.py``,
+``studies/scripts/reevaluate.py``): a real quickstart run on tiny counts, measured, kept, rendered."""
 
 import json
 from pathlib import Path
@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 
 from conftest import load_script
-from dpq_lightning.experiments.reevaluate import protocol_tag, render
+from studies.harness.reevaluate import protocol_tag, render
 
 ROOT = Path(__file__).parents[1]
 
 
 def _script():
-    return load_script("scripts/reevaluate.py")
+    return load_script("studies/scripts/reevaluate.py")
 
 
 def test_protocol_tag_names_the_overrides_and_refuses_others():
@@ -69,7 +69,7 @@ def test_a_finished_run_is_measured_once_and_rendered(tmp_path, monkeypatch, cap
 
 
 def test_the_lowest_mean_is_named_among_the_models_with_the_most_seeds():
-    from dpq_lightning.experiments.reevaluate import lowest_line
+    from studies.harness.reevaluate import lowest_line
 
     means = [("winner", (0, 1, 2), 4.52), ("one_seed", (0,), 4.46), ("other", (0, 1, 2), 5.85)]
     assert lowest_line(means) == ("Lowest mean FID-proxy under this protocol: **winner** (among the models "
@@ -80,7 +80,7 @@ def test_the_lowest_mean_is_named_among_the_models_with_the_most_seeds():
 def test_a_difference_inside_the_noise_names_no_winner():
     """The re-evaluation of 2026-12: 4.515 vs 4.517 on seeds 0-2 is a tie, not a winner; a gap far
     beyond the per-seed spread still names one."""
-    from dpq_lightning.experiments.reevaluate import lowest_line
+    from studies.harness.reevaluate import lowest_line
 
     per_seed = {"a": {0: 4.468, 1: 4.612, 2: 4.465}, "b": {0: 4.462, 1: 4.916, 2: 4.174},
                 "c": {0: 9.0, 1: 9.1, 2: 9.2}}

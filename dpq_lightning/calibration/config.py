@@ -40,7 +40,7 @@ class CalibConfig:
 
     def unused_keys(self) -> tuple[str, ...]:
         """Keys this calibration never reads under its ``assignment`` rule. Two configs that differ
-        only here define the same run (experiments.runner.experiment_key)."""
+        only here define the same run (studies.harness.runner.experiment_key)."""
         return unused_keys(self.assignment)
 
     def __post_init__(self) -> None:
