@@ -12,12 +12,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_lists_name_existing_configs_and_reject_unknown_ones():
-    from studies.harness.redecide import LEVELS, LEVERS, entries
+    from studies.harness.redecide import LEVELS, LEVERS, SCHEME_RECIPES, entries
 
     every = entries(ROOT / "studies" / "configs")
     names = [e.name for e in every]
     assert len(names) == len(set(names)) == (4 + sum(len(v) for v in LEVELS.values()) + 3 * 5 + 5
-                                             + sum(len(v) for v in LEVERS.values()))
+                                             + sum(len(v) for v in LEVERS.values())
+                                             + sum(len(v) for v in SCHEME_RECIPES.values()))
+    assert {"vq_1bit_ddpm_only", "vq_1bit_soft_anneal"} <= set(names)
     assert {"dpq_1bit_lever_data_aware", "dpq_1bit_lever_repoint_dead", "dpq_1bit_lever_float_layers"} <= set(names)
     assert {"dpq_1bit_official", "dpq_2bit_official", "dpq_3bit_official", "vq_3bit", "dpq_3bit_stage1",
             "dpq_1bit_official_6400", "ladder_pq_8bit"} <= set(names)
@@ -125,6 +127,45 @@ def test_claims_by_the_paired_instrument_call_ties_and_failures():
     table = "\n".join(flipped_lines({1: Pick(None, None, (), "no verdict yet")}, [c3],
                                     {"defaults": {}, "claims": {"Claim 3": "HELD (seeds 0, 1, 2)"}}))
     assert "| Claim 3 | HELD (seeds 0, 1, 2) | NOT HELD (provisional: seed 0 of the 3 needed) | not yet decided |" in table
+
+
+def test_claim_1_is_judged_under_every_recipe_vq_was_given():
+    """VQ calibrated as a DPQ recipe row is (vq_1bit_<r>) is paired with that row: DPQ ahead on the
+    grid's recipe but behind under another is NOT HELD, and the line names the recipe."""
+    from studies.harness.paired_claims import check
+    from studies.harness.paired_report import cell
+
+    base = [2.0, 2.1, 1.9, 2.05, 2.0, 1.95]
+    recs = records_of({"dpq_1bit": base, "vq_1bit": [v + 1.0 for v in base],
+                       "dpq_1bit_ddpm_only": base, "vq_1bit_ddpm_only": [v - 0.5 for v in base]})
+    c1 = {c["title"].split(" (")[0]: c for c in check(recs, cell, 0.05)}["Claim 1"]
+    assert c1["verdict"] == "NOT HELD"
+    assert [ln.split(":")[0] for ln in c1["lines"]] == ["1 bit", "1 bit (ddpm_only)"]
+    assert c1["lines"][1].endswith("-> not held") and c1["lines"][0].endswith("-> held")
+    recs["vq_1bit_ddpm_only"] = records_of({"x": [v + 0.8 for v in base]})["x"]  # DPQ ahead there too
+    assert {c["title"].split(" (")[0]: c for c in check(recs, cell, 0.05)}["Claim 1"]["verdict"] == "HELD"
+
+
+def test_vq_recipe_configs_add_exactly_the_dpq_recipes_calib_keys():
+    """vq_1bit_<r> differs from the VQ cell where dpq_1bit_<r> differs from the DPQ cell, and only there
+    (the name and output folder aside): the pair compares the schemes under one recipe."""
+    from dpq_lightning.config import load_config, to_dict
+    from studies.harness.redecide import SCHEME_RECIPES
+
+    def flat(d, pre=""):
+        return {k2: v2 for k, v in d.items()
+                for k2, v2 in (flat(v, f"{pre}{k}.").items() if isinstance(v, dict) else [(f"{pre}{k}", v)])}
+
+    def changed(cell, recipe):
+        a, b = flat(to_dict(load_config(cell))), flat(to_dict(load_config(recipe)))
+        return {k: b[k] for k in a if a[k] != b[k] and k not in ("name", "output_dir")}
+
+    cfgs = ROOT / "studies" / "configs"
+    for bits, recipes in SCHEME_RECIPES.items():
+        for r in recipes:
+            dpq = changed(cfgs / f"dpq_{bits}bit.yaml", cfgs / "recipes" / f"dpq_{bits}bit_{r}.yaml")
+            vq = changed(cfgs / f"vq_{bits}bit.yaml", cfgs / "recipes" / f"vq_{bits}bit_{r}.yaml")
+            assert dpq and vq == dpq and all(k.startswith("calib.") for k in vq), (r, dpq, vq)
 
 
 def test_the_flip_table_compares_earlier_and_new_verdicts():
