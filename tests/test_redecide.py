@@ -250,3 +250,22 @@ def test_each_lever_changes_only_stage_1_and_keeps_its_base_size():
             assert replace(cfg, name=base.name, output_dir=base.output_dir, quant=base.quant) == base, lever
             assert cfg.quant != base.quant, lever
             assert predict_size(cfg).total_bits <= predict_size(base).total_bits, lever
+
+
+def test_the_bytes_table_shows_what_calibration_can_train():
+    """Claim 1's cells by part, from the size report: shares add up and the trainable codeword numbers
+    are the codebook and pool bytes over 2 (fp16)."""
+    from studies.harness.paired_report import bytes_lines
+
+    def rec(**b):
+        size = {f"bytes_{k}": float(v) for k, v in b.items()}
+        size["total_bytes"] = float(sum(b.values()))
+        return {0: {"summary": {"size": size}}}
+
+    lines = bytes_lines({"dpq_1bit": rec(codes=800, pointers=100, pool=20, float=80),
+                         "vq_1bit": rec(codes=800, codebooks=120, float=80), "other": rec(codes=1)})
+    rows = [ln for ln in lines if ln.startswith("| dpq_1bit") or ln.startswith("| vq_1bit")]
+    assert rows[0] == ("| dpq_1bit | 1,000 | 800 (80.0%) | 100 (10.0%) | 0 (0.0%) | 20 (2.0%) | 80 (8.0%) "
+                       "| 0 (0.0%) | 0 (0.0%) | 10 |")
+    assert rows[1].startswith("| vq_1bit | 1,000 | 800 (80.0%) | 0 (0.0%) | 120 (12.0%)") and rows[1].endswith("| 60 |")
+    assert not any("other" in ln for ln in lines) and bytes_lines({}) == []

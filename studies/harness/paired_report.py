@@ -196,7 +196,32 @@ def claims_lines(records, floor: float, root: Path) -> list[str]:
         lines += [f"**{c['title']}: {c['verdict']}.** Criterion: {c['criterion']}.", ""]
         lines += [f"- {ln}" for ln in c["lines"]] or ["- not measured yet"]
         lines.append("")
-    return lines, claims, before(root)
+    return lines + bytes_lines(records), claims, before(root)
+
+
+# What a file spends its bytes on (summary.json's size report), for the schemes claim 1 compares.
+# Codebook and pool bytes are the codewords calibration trains; pointers and codes are fixed bits.
+BYTE_PARTS = ("codes", "pointers", "codebooks", "pool", "float", "lowrank", "header")
+
+
+def bytes_lines(records) -> list[str]:
+    """Claim 1's cells by where their bytes go, with the trainable codewords (fp16 numbers of the
+    codebooks and the pool) that set what calibration can move."""
+    names = [n for b in sorted(LEVELS) for n in (f"dpq_{b}bit", f"vq_{b}bit", f"pq_{b}bit") if n in records]
+    if not names:
+        return []
+    lines = ["### Where claim 1's files spend their bytes", "",
+             "From each run's size report (`summary.json`, identical over seeds). Codebooks and pool are the "
+             "codewords calibration trains; codes and pointers are fixed bits.", "",
+             "| cell | total (bytes) | " + " | ".join(BYTE_PARTS) + " | trainable codeword numbers |",
+             "|---" * (len(BYTE_PARTS) + 3) + "|"]
+    for n in names:
+        size = next(iter(records[n].values()))["summary"]["size"]
+        parts = [size.get(f"bytes_{k}", 0.0) for k in BYTE_PARTS]
+        share = [f"{v:,.0f} ({100 * v / size['total_bytes']:.1f}%)" for v in parts]
+        words = (size.get("bytes_codebooks", 0.0) + size.get("bytes_pool", 0.0)) / 2  # fp16 numbers
+        lines.append(f"| {n} | {size['total_bytes']:,.0f} | " + " | ".join(share) + f" | {words:,.0f} |")
+    return lines + [""]
 
 
 def flipped_lines(picks: dict, claims: list[dict], old: dict) -> list[str]:
