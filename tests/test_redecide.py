@@ -12,13 +12,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_lists_name_existing_configs_and_reject_unknown_ones():
-    from studies.harness.redecide import LEVELS, LEVERS, SCHEME_RECIPES, entries
+    from studies.harness.redecide import FLOOR, LEVELS, LEVERS, SCHEME_RECIPES, entries
 
     every = entries(ROOT / "studies" / "configs")
     names = [e.name for e in every]
     assert len(names) == len(set(names)) == (4 + sum(len(v) for v in LEVELS.values()) + 3 * 5 + 5
                                              + sum(len(v) for v in LEVERS.values())
-                                             + sum(len(v) for v in SCHEME_RECIPES.values()))
+                                             + sum(len(v) for v in SCHEME_RECIPES.values()) + len(FLOOR))
+    assert {"floor_pq_8bit_ddpm_only", "floor_pq_8bit_frozen"} <= set(names)
     assert {"vq_1bit_ddpm_only", "vq_1bit_soft_anneal"} <= set(names)
     assert {"dpq_1bit_lever_data_aware", "dpq_1bit_lever_repoint_dead", "dpq_1bit_lever_float_layers"} <= set(names)
     assert {"dpq_1bit_official", "dpq_2bit_official", "dpq_3bit_official", "vq_3bit", "dpq_3bit_stage1",
@@ -269,3 +270,21 @@ def test_the_bytes_table_shows_what_calibration_can_train():
                        "| 0 (0.0%) | 0 (0.0%) | 10 |")
     assert rows[1].startswith("| vq_1bit | 1,000 | 800 (80.0%) | 0 (0.0%) | 120 (12.0%)") and rows[1].endswith("| 60 |")
     assert not any("other" in ln for ln in lines) and bytes_lines({}) == []
+
+
+def test_calibrations_own_floor_is_compared_with_its_stage_1_start():
+    """The near-lossless rung before and after a recipe's loss: the section renders only with the
+    rung, names each loss, and says how far calibration moved it (beyond the noise here)."""
+    from studies.harness.paired_report import floor_lines
+
+    recs = records_of({"ladder_pq_8bit": [0.08, 0.09, 0.08, 0.09, 0.08, 0.09],
+                       "floor_pq_8bit_ddpm_only": [1.5, 1.6, 1.4, 1.55, 1.5, 1.45]})
+    for by in recs.values():
+        for r in by.values():
+            r["seconds"] = 360.0  # each run's own time (the table's minutes column)
+    lines = floor_lines(recs, 0.05)
+    assert lines[0] == "## Calibration's own floor (PQ at 8 nominal bits, calibrated)"
+    assert any(ln.startswith("| stage 1 (no calibration) | ") for ln in lines)
+    assert any(ln.startswith("| ddpm_only | ") for ln in lines)
+    assert "- ddpm_only against its stage-1 start: calibrated above stage 1 by 1.42 (noise ±0.07, 6 pairs)" in lines
+    assert floor_lines({k: v for k, v in recs.items() if k != "ladder_pq_8bit"}, 0.05) == []

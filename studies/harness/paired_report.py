@@ -16,7 +16,7 @@ from pathlib import Path
 
 from dpq_lightning.metrics.catalog import metric as catalog_metric
 from .noise import Cell, compare, pick_default
-from .redecide import INCUMBENT, LADDER, LENGTH, LEVELS, LEVER_BASE, LEVER_NOTES, LEVERS, NOT_CANDIDATES
+from .redecide import FLOOR, INCUMBENT, LADDER, LENGTH, LEVELS, LEVER_BASE, LEVER_NOTES, LEVERS, NOT_CANDIDATES
 
 METRICS = ("fid_to_teacher", "mse_to_teacher", "match_teacher", "fid_proxy", "agreement")
 DECIDING = "fid_to_teacher"  # the number the rule and the claims decide by (lower is better)
@@ -162,6 +162,26 @@ def lever_lines(bits: int, records: dict[str, dict[int, dict]], floor: float) ->
         lines.append(f"- {verdict.text(n.split('lever_', 1)[1], 'the base')}")
     lines += ["", "| lever | what changes | what it would cost on DiT-XL/2 |", "|---|---|---|"]
     lines += [f"| {lv} | {LEVER_NOTES[lv][0]} | {LEVER_NOTES[lv][1]} |" for lv in LEVERS[bits]]
+    return lines + [""]
+
+
+def floor_lines(records: dict[str, dict[int, dict]], floor: float) -> list[str]:
+    """Calibration's own floor: the near-lossless rung before and after each recipe's loss, each
+    calibrated run compared with the stage-1 rung it starts from."""
+    rung = f"ladder_pq_{max(LADDER)}bit"
+    names = [f"floor_pq_{max(LADDER)}bit_{r}" for r in FLOOR if f"floor_pq_{max(LADDER)}bit_{r}" in records]
+    if not names or rung not in records:
+        return []
+    lines = [f"## Calibration's own floor (PQ at {max(LADDER)} nominal bits, calibrated)", "",
+             "The ladder's near-lossless rung, whose stage 1 costs almost nothing, calibrated for 400 steps by a "
+             "recipe's loss: what it ends at is the distance the loss itself puts between a student and the "
+             "teacher, below which no quantized model calibrated by that loss is expected to land.", "",
+             *table([rung] + names, records, lambda n: "stage 1 (no calibration)" if n == rung else n.rsplit("bit_", 1)[1]),
+             ""]
+    start = cell(records[rung], DECIDING)
+    for n in names:
+        c = compare(cell(records[n], DECIDING), start, floor)
+        lines.append(f"- {n.rsplit('bit_', 1)[1]} against its stage-1 start: {c.text('calibrated', 'stage 1')}")
     return lines + [""]
 
 
@@ -342,6 +362,7 @@ def write_reports(results: Path, out: Path) -> Path:
         names = [f"dpq_1bit_{base}" for base in LENGTH if f"dpq_1bit_{base}" in records]
         names += [f"dpq_1bit_{n}" for n in length]
         doc += table(names, records, lambda n: n.split("bit_", 1)[1]) + [""]
+    doc += floor_lines(records, floor)
     # the repository whose studies/results/ holds these records (the older lists' pages sit beside them)
     here = results.resolve()
     root = here.parents[2] if (here.parent.name, here.parents[1].name) == ("results", "studies") else Path.cwd()

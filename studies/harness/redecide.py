@@ -17,6 +17,8 @@ lists:
 - ``length``: the length curves of the 1-bit winner and of ``official`` (seed 0 first).
 - ``levers``: the levers that may close the gap to the teacher (:data:`LEVERS`), each on the level's
   candidate (:data:`LEVER_BASE`) at its total size, compared with it run by run.
+- ``floor``: calibration's own floor (:data:`FLOOR`): the near-lossless rung calibrated by the
+  recipes' losses, where any distance to the teacher comes from the loss, not from quantization.
 """
 
 from __future__ import annotations
@@ -79,7 +81,12 @@ LEVER_NOTES = {
     "pool_8bit": ("pools of up to 256 entries per layer (about the authors' quarter-of-the-codes rule)",
                   "a 4x larger pool k-means in stage 1; calibration trains 4x the pool (MBs)"),
 }
-LISTS = ("ladder", "recipes", "schemes", "length", "levers")
+LISTS = ("ladder", "recipes", "schemes", "length", "levers", "floor")
+# Calibration's own floor: the ladder's near-lossless rung (PQ at 8 nominal bits) calibrated by a
+# recipe's loss (configs/ladder/pq_8bit_<r>.yaml). Quantization costs ~nothing there, so the distance
+# it ends at is what the loss itself (the DDPM loss on the real digits, with or without the block
+# term) puts between a student and the teacher.
+FLOOR = ("ddpm_only", "frozen")
 # The grid's cells the claims need, per level: studies/configs/<cell>_<b>bit.yaml.
 SCHEMES = ("dpq", "vq", "pq", "dpq_stage1", "vq_stage1")
 # Claim 1 under more than the grid's recipe: VQ calibrated as the recipe rows of the same name are
@@ -102,6 +109,9 @@ def entries(configs: Path, lists: tuple[str, ...] = LISTS, bits: tuple[int, ...]
     if "ladder" in lists:
         out += [Entry(f"ladder_pq_{n}bit", configs / "ladder" / f"pq_{n}bit.yaml",
                       {"list": "ladder", "bits": n, "scheme": "PQ", "recipe": "stage1"}) for n in LADDER]
+    if "floor" in lists:
+        out += [Entry(f"floor_pq_8bit_{r}", configs / "ladder" / f"pq_8bit_{r}.yaml",
+                      {"list": "floor", "bits": 8, "scheme": "PQ", "recipe": r}) for r in FLOOR]
     for b in bits:
         if "recipes" in lists:
             out += [Entry(f"dpq_{b}bit_{r}", configs / "recipes" / f"dpq_{b}bit_{r}.yaml",
