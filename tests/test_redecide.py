@@ -143,6 +143,9 @@ def test_claim_1_is_judged_under_every_recipe_vq_was_given():
     assert c1["verdict"] == "NOT HELD"
     assert [ln.split(":")[0] for ln in c1["lines"]] == ["1 bit", "1 bit (ddpm_only)"]
     assert c1["lines"][1].endswith("-> not held") and c1["lines"][0].endswith("-> held")
+    recs["vq_1bit_ddpm_only"] = {0: recs["vq_1bit_ddpm_only"][0]}  # VQ on seed 0 only: both shown on seed 0
+    line = {c["title"].split(" (")[0]: c for c in check(recs, cell, 0.05)}["Claim 1"]["lines"][1]
+    assert line.startswith("1 bit (ddpm_only): DPQ 2.05 ± 0.07 (2) at 1.200 bits vs VQ 1.55 ± 0.07 (2)"), line
     recs["vq_1bit_ddpm_only"] = records_of({"x": [v + 0.8 for v in base]})["x"]  # DPQ ahead there too
     assert {c["title"].split(" (")[0]: c for c in check(recs, cell, 0.05)}["Claim 1"]["verdict"] == "HELD"
 

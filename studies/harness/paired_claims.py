@@ -81,9 +81,11 @@ def check(records: dict[str, dict[int, dict]], cell, floor: float, levels=(3, 2,
             c = compare(cd, cv, floor)
             ok = "tie" if c.verdict == "tie" else ("held" if c.verdict == "lower" and abs(size) <= EQUAL_SIZE else "not held")
             v1.append(ok)
+            keys = sorted(set(cd.values) & set(cv.values))
             if not label:  # the gap's growth is judged on the grid's recipe, measured at every level
-                keys = sorted(set(cd.values) & set(cv.values))
                 ratio[b] = Cell({k: cv.values[k] / cd.values[k] for k in keys})
+            # shown on the keys the comparison pairs, so the two means are of the same seeds
+            cd, cv = (Cell({k: x.values[k] for k in keys}) for x in (cd, cv))
             l1.append(f"{b} bit{label}: DPQ {cd.text()} at {_bits(d):.3f} bits vs VQ {cv.text()} at {_bits(v):.3f} "
                       f"(sizes {100 * size:+.1f}%): {c.text('DPQ', 'VQ')} -> {ok}")
     if 1 in ratio and 2 in ratio:
