@@ -35,7 +35,7 @@ BITS = (1, 2, 3)
 # column block): larger, so it is reported beside the candidates and never picked.
 LEVELS = {
     1: ("lowrank_same_size", "official", "lowrank_same_size_ddpm_only", "floats", "frozen", "ddpm_only",
-        "soft_anneal", "alloc", "official_own_size"),
+        "soft_anneal", "alloc", "official_own_size", "lowrank_same_size_distill_only"),
     2: ("floats", "lowrank_same_size_ddpm_only", "alloc", "alloc_ddpm_only", "soft_anneal", "frozen", "official",
         "official_own_size"),
     3: ("frozen", "lowrank_same_size_ddpm_only", "floats", "output_aware", "soft_anneal", "official",
@@ -86,7 +86,7 @@ LISTS = ("ladder", "recipes", "schemes", "length", "levers", "floor")
 # recipe's loss (configs/ladder/pq_8bit_<r>.yaml). Quantization costs ~nothing there, so the distance
 # it ends at is what the loss itself (the DDPM loss on the real digits, with or without the block
 # term) puts between a student and the teacher.
-FLOOR = ("ddpm_only", "frozen")
+FLOOR = ("ddpm_only", "frozen", "distill_only")
 # The grid's cells the claims need, per level: studies/configs/<cell>_<b>bit.yaml.
 SCHEMES = ("dpq", "vq", "pq", "dpq_stage1", "vq_stage1")
 # Claim 1 under more than the grid's recipe: VQ calibrated as the recipe rows of the same name are
