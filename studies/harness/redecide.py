@@ -35,9 +35,10 @@ BITS = (1, 2, 3)
 # column block): larger, so it is reported beside the candidates and never picked.
 LEVELS = {
     1: ("lowrank_same_size", "official", "lowrank_same_size_ddpm_only", "floats", "frozen", "ddpm_only",
-        "soft_anneal", "alloc", "official_own_size", "lowrank_same_size_distill_only"),
+        "soft_anneal", "alloc", "official_own_size", "lowrank_same_size_distill_only",
+        "lowrank_same_size_ddpm_distill"),
     2: ("floats", "lowrank_same_size_ddpm_only", "alloc", "alloc_ddpm_only", "soft_anneal", "frozen", "official",
-        "official_own_size"),
+        "official_own_size", "alloc_distill_only"),
     3: ("frozen", "lowrank_same_size_ddpm_only", "floats", "output_aware", "soft_anneal", "official",
         "official_own_size"),
 }
