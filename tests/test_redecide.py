@@ -291,3 +291,15 @@ def test_calibrations_own_floor_is_compared_with_its_stage_1_start():
     assert any(ln.startswith("| ddpm_only | ") for ln in lines)
     assert "- ddpm_only against its stage-1 start: calibrated above stage 1 by 1.42 (noise ±0.07, 6 pairs)" in lines
     assert floor_lines({k: v for k, v in recs.items() if k != "ladder_pq_8bit"}, 0.05) == []
+
+
+def test_earlier_verdicts_are_read_from_the_sibling_lists(tmp_path):
+    """The flip table's 'earlier' column comes from results-recipes/ and results-mini/ beside the
+    paired records (the committed ones here); a folder without them gives empty parts."""
+    from studies.harness.paired_claims import before
+
+    old = before(ROOT / "studies" / "results")
+    assert old["defaults"] == {1: "lowrank_same_size", 2: None, 3: "frozen"}
+    assert old["claims"] == {"Claim 1": "NOT HELD (seeds 0, 1, 2)", "Claim 2": "NOT HELD (seeds 0, 1, 2)",
+                             "Claim 3": "HELD (seeds 0, 1, 2)", "Claim 4": "HELD (seeds 0, 1, 2)"}
+    assert before(tmp_path) == {"defaults": {}, "claims": {}}

@@ -156,14 +156,15 @@ def check(records: dict[str, dict[int, dict]], cell, floor: float, levels=(3, 2,
     return out
 
 
-def before(root: Path) -> dict:
-    """What the FID-proxy against real digits (eval seed 0) concluded from the earlier records:
+def before(lists: Path) -> dict:
+    """What the FID-proxy against real digits (eval seed 0) concluded from the earlier records in
+    ``lists`` (the folder holding ``results-recipes/`` and ``results-mini/``):
     ``{"defaults": {bits: recipe or None}, "claims": {title: verdict}}``; empty parts where the
     earlier records are gone."""
     from .recipes import choose
 
     out: dict = {"defaults": {}, "claims": {}}
-    recipes = root / "studies" / "results" / "results-recipes"
+    recipes = lists / "results-recipes"
     if recipes.is_dir():
         from .recipe_report import load
         from .redecide import LEVELS, NOT_CANDIDATES
@@ -174,7 +175,7 @@ def before(root: Path) -> dict:
                    for r in names if (b, r) in runs and r not in NOT_CANDIDATES}
             if fid:
                 out["defaults"][b] = choose(fid)[0]
-    mini = root / "studies" / "results" / "results-mini"
+    mini = lists / "results-mini"
     if mini.is_dir():
         from .claims import check_all
         from .report import load_all

@@ -206,7 +206,7 @@ def ladder_lines(records: dict[str, dict[int, dict]]) -> list[str]:
     return lines
 
 
-def claims_lines(records, floor: float, root: Path) -> list[str]:
+def claims_lines(records, floor: float, lists: Path) -> list[str]:
     """The four claims by the paired instrument, then the table of what flipped."""
     from .paired_claims import before, check
 
@@ -216,7 +216,7 @@ def claims_lines(records, floor: float, root: Path) -> list[str]:
         lines += [f"**{c['title']}: {c['verdict']}.** Criterion: {c['criterion']}.", ""]
         lines += [f"- {ln}" for ln in c["lines"]] or ["- not measured yet"]
         lines.append("")
-    return lines + bytes_lines(records), claims, before(root)
+    return lines + bytes_lines(records), claims, before(lists)
 
 
 # What a file spends its bytes on (summary.json's size report), for the schemes claim 1 compares.
@@ -363,10 +363,8 @@ def write_reports(results: Path, out: Path) -> Path:
         names += [f"dpq_1bit_{n}" for n in length]
         doc += table(names, records, lambda n: n.split("bit_", 1)[1]) + [""]
     doc += floor_lines(records, floor)
-    # the repository whose studies/results/ holds these records (the older lists' pages sit beside them)
-    here = results.resolve()
-    root = here.parents[2] if (here.parent.name, here.parents[1].name) == ("results", "studies") else Path.cwd()
-    lines, claims, old = claims_lines(records, floor, root)
+    # the older lists' records sit beside these (results-recipes/, results-mini/), as the other reports find theirs
+    lines, claims, old = claims_lines(records, floor, results.resolve().parent)
     doc += lines + flipped_lines(picks, claims, old)
     write_text_atomic("\n".join(doc) + "\n", out)
     ladder_fig = fig_ladder(records, rel / "instrument.png")
