@@ -199,19 +199,22 @@ class StepCounter(L.Callback):
 
 
 @pytest.mark.slow
-def test_resume_gives_the_same_final_state(teacher_file, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["calib.ema_decay=0.8"]], ids=["last_step", "ema"])
+def test_resume_gives_the_same_final_state(teacher_file, tmp_path, extra):
     """Stop after 6 of 12 steps, resume from the step-6 checkpoint: the resumed fit starts at step
     6 and executes 6 steps, and ends with the same codes and codebooks as an uninterrupted run,
-    bit for bit (assignment adjustments at steps 3, 6, 9; cosine LR)."""
+    bit for bit (assignment adjustments at steps 3, 6, 9; cosine LR). With calib.ema_decay the
+    checkpoint carries the average, so the exported average is the same too."""
     from dpq_lightning.jobs.run import run
 
-    args = ["trainer.max_steps=12", "calib.assign_every=3", "trainer.ckpt_every_n_steps=6"]
+    args = ["trainer.max_steps=12", "calib.assign_every=3", "trainer.ckpt_every_n_steps=6", *extra]
     run(load_config("tests/configs/small_run.yaml", _run_cfg(tmp_path, teacher_file, "full", *args)))
     part = load_config("tests/configs/small_run.yaml", _run_cfg(tmp_path, teacher_file, "part", *args))
     run(part, callbacks=[StopAt(6)])
     ckpt = torch.load(tmp_path / "part" / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 6 and "dpq_config" in ckpt
     assert not any(k.startswith("teacher") for k in ckpt["state_dict"])
+    assert any(k.startswith("ema.avg_") for k in ckpt["state_dict"]) == bool(extra)
     counter = StepCounter()
     summary = run(part, callbacks=[counter])  # trainer.resume=auto picks up last.ckpt
     assert (counter.start, counter.executed, summary["steps"]) == (6, 6, 12)

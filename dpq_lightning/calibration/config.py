@@ -30,6 +30,7 @@ class CalibConfig:
     train_floats: bool = False  # also train biases/norms (and excluded weights) kept in float
     lowrank_rank: int = 0  # > 0: every PQ weight gets a trained correction U [rows, r] @ V [r, cols] (fp16, counted in the size)
     lr: float = 1e-4
+    ema_decay: float = 0.0  # > 0: export the moving average of the trained numbers (per-step decay; .averaging)
     weight_decay: float = 0.0
     warmup_steps: int = 0
     schedule: str = "constant"  # constant | cosine (to lr * min_lr_ratio at max_steps)
@@ -58,6 +59,9 @@ class CalibConfig:
             raise ValueError(f"calib.soft_tau_end must be in (0, 1] (1 = no annealing), got {self.soft_tau_end}")
         if not 0.0 < self.soft_anneal_frac <= 1.0:
             raise ValueError(f"calib.soft_anneal_frac must be in (0, 1], got {self.soft_anneal_frac}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"calib.ema_decay must be in [0, 1) (0 = export the last step, e.g. 0.99 averages "
+                             f"about the last 100 steps), got {self.ema_decay}")
         if self.lowrank_rank < 0:
             raise ValueError(f"calib.lowrank_rank must be >= 0 (0 = no low-rank correction), got {self.lowrank_rank}")
         if self.t_sampling not in ("uniform", "error"):

@@ -13,10 +13,14 @@ its class (:mod:`.rules`, :mod:`.soft`): this module calls its hooks and never n
 
 The teacher is held outside the module tree: never in ``state_dict``/checkpoints, never
 trained, always in eval mode; runs rebuild it from its path.
+
+With ``calib.ema_decay > 0`` the run exports a moving average of the trained numbers instead of
+the last step's (:mod:`.averaging`); the evaluation callbacks measure that average too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import lightning as L
@@ -28,6 +32,7 @@ from ..models.hooks import BlockOutputRecorder
 from ..quant import PQ_MODULES
 from ..quant.state import state_of
 from ..quant.stats import InputMoments
+from .averaging import ParameterEMA
 from .config import CalibConfig
 from .rules import rule_class
 
@@ -66,6 +71,8 @@ class DPQCalibration(L.LightningModule):
         # t_sampling=error: how often each training step is drawn, [num_steps]; all zeros until
         # measured at step 0, then saved in every checkpoint (a resumed run draws as this one did).
         self.register_buffer("t_weights", torch.zeros(self.schedule.num_steps, dtype=torch.float64))
+        self.ema: ParameterEMA | None = None  # calib.ema_decay > 0: made in setup, once every trained tensor exists
+        self._ema_applied = False
         self._set_trainable()
 
     # ---- what trains ---------------------------------------------------------------------
@@ -128,6 +135,29 @@ class DPQCalibration(L.LightningModule):
         if self.cfg.lowrank_rank > 0:
             self.add_lowrank(self.cfg.lowrank_rank)
         self.rule.setup(self)
+        if self.cfg.ema_decay > 0 and self.ema is None:
+            self.ema = ParameterEMA([p for p in self.student.parameters() if p.requires_grad], self.cfg.ema_decay)
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Here, not in on_train_batch_end: callbacks (ModelCheckpoint) run that hook before the
+        # module's, and a checkpoint must hold the average that includes its own step.
+        if self.ema is not None:
+            self.ema.update()
+
+    def exported_weights(self) -> contextlib.AbstractContextManager:
+        """Inside: the student holds the numbers the run will export (the average, with
+        ``calib.ema_decay``); the evaluation callbacks measure the student inside this."""
+        if self.ema is None or self._ema_applied:
+            return contextlib.nullcontext()
+        return self.ema.swapped_in()
+
+    def on_train_end(self) -> None:
+        # After every callback's on_train_end (Lightning calls the module's hook last): from here on
+        # the student is the exported model (fingerprints, export_student, the final evaluation).
+        if self.ema is not None and not self._ema_applied:
+            self.ema.copy_to_params()
+            self._ema_applied = True
 
     def on_fit_start(self) -> None:
         self.teacher.to(self.device).eval()

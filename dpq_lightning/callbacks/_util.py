@@ -103,7 +103,10 @@ class PeriodicCallback(L.Callback):
 
     def _run(self, trainer, pl_module, tag: str) -> None:
         self._last_step = trainer.global_step
-        self.evaluate(trainer, pl_module, tag)
+        # The numbers the run would export at this step (calib.ema_decay: the average, swapped in).
+        exported = getattr(pl_module, "exported_weights", None)
+        with exported() if exported is not None else contextlib.nullcontext():
+            self.evaluate(trainer, pl_module, tag)
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._last_step = None

@@ -36,7 +36,8 @@ BITS = (1, 2, 3)
 LEVELS = {
     1: ("lowrank_same_size", "official", "lowrank_same_size_ddpm_only", "floats", "frozen", "ddpm_only",
         "soft_anneal", "alloc", "official_own_size", "lowrank_same_size_distill_only",
-        "lowrank_same_size_ddpm_distill", "lowrank_same_size_ddpm_distill_w4"),
+        "lowrank_same_size_ddpm_distill", "lowrank_same_size_ddpm_distill_w4",
+        "lowrank_same_size_ddpm_distill_ema"),
     2: ("floats", "lowrank_same_size_ddpm_only", "alloc", "alloc_ddpm_only", "soft_anneal", "frozen", "official",
         "official_own_size", "alloc_distill_only", "alloc_ddpm_distill"),
     3: ("frozen", "lowrank_same_size_ddpm_only", "floats", "output_aware", "soft_anneal", "official",
@@ -86,8 +87,9 @@ LISTS = ("ladder", "recipes", "schemes", "length", "levers", "floor")
 # Calibration's own floor: the ladder's near-lossless rung (PQ at 8 nominal bits) calibrated by a
 # recipe's loss (configs/ladder/pq_8bit_<r>.yaml). Quantization costs ~nothing there, so the distance
 # it ends at is what the loss itself (the DDPM loss on the real digits, with or without the block
-# term) puts between a student and the teacher.
-FLOOR = ("ddpm_only", "frozen", "distill_only")
+# term) puts between a student and the teacher. Then two probes of why the DDPM loss drifts: the
+# trained numbers averaged (ddpm_only_ema), the teacher's samples as the data (ddpm_teacher_data).
+FLOOR = ("ddpm_only", "frozen", "distill_only", "ddpm_only_ema", "ddpm_teacher_data")
 # The grid's cells the claims need, per level: studies/configs/<cell>_<b>bit.yaml.
 SCHEMES = ("dpq", "vq", "pq", "dpq_stage1", "vq_stage1")
 # Claim 1 under more than the grid's recipe: VQ calibrated as the recipe rows of the same name are
