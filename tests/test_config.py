@@ -111,7 +111,7 @@ def test_quickstart_is_written_out_and_equals_the_winning_recipe():
     assert "\nbase:" not in text and not text.startswith("base:")
     quick = dataclasses.asdict(load_config(str(root / "configs" / "quickstart.yaml")))
     recipe = dataclasses.asdict(load_config(
-        str(root / "studies" / "configs" / "recipes" / "dpq_1bit_lowrank_same_size_ddpm_only.yaml")))
+        str(root / "studies" / "configs" / "recipes" / "dpq_1bit_lowrank_same_size_ddpm_distill.yaml")))
 
     def flat(d: dict, prefix: str = "") -> dict:
         return {k2: v2 for k, v in d.items()

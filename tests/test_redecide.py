@@ -303,3 +303,30 @@ def test_earlier_verdicts_are_read_from_the_sibling_lists(tmp_path):
     assert old["claims"] == {"Claim 1": "NOT HELD (seeds 0, 1, 2)", "Claim 2": "NOT HELD (seeds 0, 1, 2)",
                              "Claim 3": "HELD (seeds 0, 1, 2)", "Claim 4": "HELD (seeds 0, 1, 2)"}
     assert before(tmp_path) == {"defaults": {}, "claims": {}}
+
+
+def test_every_committed_record_is_still_the_run_its_config_describes(monkeypatch):
+    """A base file changed under the studies (say the XL 1-bit config's loss) must not silently
+    change what a recorded entry's config computes: each record under
+    studies/results/results-paired/ is the same experiment as its entry's config resolves to today,
+    or the runner would re-run it and the page would mix two recipes under one name."""
+    from studies.harness.redecide import entries
+    from studies.harness.runner import resolved, same_experiment
+
+    monkeypatch.chdir(ROOT)  # the records name the teacher relative to the repository
+    by_name = {e.name: e for e in entries(ROOT / "studies" / "configs")}
+    checked, stale = 0, []
+    for seed_dir in sorted((ROOT / "studies" / "results" / "results-paired").glob("seed*")):
+        seed = int(seed_dir.name[4:])
+        overrides = json.loads((seed_dir / "redecide.json").read_text()).get("overrides", [])
+        for path in sorted(seed_dir.glob("*.json")):
+            record = json.loads(path.read_text())
+            entry = by_name.get(record.get("name", path.stem))
+            if entry is None or "summary" not in record:
+                continue
+            cfg = resolved(entry, Path("/tmp/unused"), seed, overrides)
+            checked += 1
+            if not same_experiment(record.get("config"), cfg):
+                stale.append(f"seed{seed}/{path.name}")
+    assert checked >= 60, checked
+    assert stale == [], f"records whose config no longer resolves to the same run: {stale}"
