@@ -52,6 +52,7 @@ RECIPES = {
     "alloc_ddpm_distill": "alloc_ddpm_only, + output matching against the teacher",
     "lowrank_same_size_ddpm_distill_w4": "lowrank_same_size_ddpm_distill with the output term weighted 4x",
     "lowrank_same_size_ddpm_distill_ema": "lowrank_same_size_ddpm_distill exporting the moving average (decay 0.99)",
+    "floats_ddpm_distill": "floats with the DDPM loss + output matching, no block term",
     "lowrank_same_size_ddpm_only_1600": "lowrank_same_size_ddpm_only, 1600 steps instead of 400",
     "lowrank_same_size_ddpm_only_6400": "lowrank_same_size_ddpm_only, 6400 steps instead of 400",
     "official": "the authors' recipe (float embedders/final layer, DDPM loss only, lr 1e-4) at the cell's size",
@@ -78,7 +79,7 @@ ONLY_BITS = {"alloc_lowrank": (1,), "ddpm_only": (1,), "rec_x10": (1,),
              "official_400": (1,), "official_1600": (1,), "official_6400": (1,), "lowrank_same_size_distill_only": (1,),
              "lowrank_same_size_ddpm_distill": (1, 3), "alloc_distill_only": (2,),
              "alloc_ddpm_distill": (2,), "lowrank_same_size_ddpm_distill_w4": (1,),
-             "lowrank_same_size_ddpm_distill_ema": (1,),
+             "lowrank_same_size_ddpm_distill_ema": (1,), "floats_ddpm_distill": (3,),
              **{r: (1, 2, 3) for r in ("frozen", "floats", "output_aware", "soft_anneal", "lowrank_same_size",
                                        "official", "official_own_size")}}
 DEFAULT_LEVELS = (1, 2)
