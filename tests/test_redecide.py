@@ -330,3 +330,24 @@ def test_every_committed_record_is_still_the_run_its_config_describes(monkeypatc
                 stale.append(f"seed{seed}/{path.name}")
     assert checked >= 60, checked
     assert stale == [], f"records whose config no longer resolves to the same run: {stale}"
+
+
+def test_redecide_all_calls_the_runner_from_the_repository_root(tmp_path):
+    """studies/scripts/redecide_all.sh, run from anywhere, calls redecide.py by a path that exists
+    for every list in its order (a stand-in interpreter checks the path and records the call)."""
+    import os
+    import subprocess
+
+    fake = tmp_path / "py"
+    fake.write_text('#!/usr/bin/env bash\ntest -f "$1" || exit 3\necho "CALL ${*:2}" >> "$LOG"\n')
+    fake.chmod(0o755)
+    log = tmp_path / "calls.txt"
+    env = {**os.environ, "PYTHON": str(fake), "LOG": str(log)}
+    out = subprocess.run(["bash", str(ROOT / "studies" / "scripts" / "redecide_all.sh"), "--quick"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout
+    assert "FAILED" not in out
+    calls = log.read_text().splitlines()
+    assert calls[0] == "CALL --seed 0 --lists ladder --quick"
+    assert "CALL --seed 2 --lists levers --bits 1 2 --quick" in calls
+    assert "CALL --seed 0 --lists floor --quick" in calls and calls[-1] == "CALL --seed 0 --lists length --quick"
+    assert len(calls) == 1 + 3 * 6 + 3 + 1 + 1
