@@ -49,7 +49,9 @@ def test_every_recipe_differs_from_its_cell_only_in_calibration_or_data(bits):
         else:
             assert cfg.trainer == base.trainer, e.name
         assert cfg.eval == base.eval and cfg.name == f"mini_dpq_{bits}bit_{e.meta['recipe']}"
-        if e.meta["recipe"] != "teacher_data":
+        if e.meta["recipe"].endswith("teacher_data"):  # the recipes that calibrate on the teacher's samples
+            assert cfg.data.kind == "teacher" and cfg.data.path.endswith("/teacher_samples"), e.name
+        else:
             assert cfg.data == base.data, e.name
         # the calibration keys resolve to exactly: the cell's, then the pinned starting point
         # (_baseline.yaml), then what the recipe file itself states; nothing changes silently

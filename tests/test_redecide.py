@@ -311,7 +311,7 @@ def test_every_committed_record_is_still_the_run_its_config_describes(monkeypatc
     studies/results/results-paired/ is the same experiment as its entry's config resolves to today,
     or the runner would re-run it and the page would mix two recipes under one name."""
     from studies.harness.redecide import entries
-    from studies.harness.runner import resolved, same_experiment
+    from studies.harness.runner import resolved, same_experiment, saved_config
 
     monkeypatch.chdir(ROOT)  # the records name the teacher relative to the repository
     by_name = {e.name: e for e in entries(ROOT / "studies" / "configs")}
@@ -324,7 +324,9 @@ def test_every_committed_record_is_still_the_run_its_config_describes(monkeypatc
             entry = by_name.get(record.get("name", path.stem))
             if entry is None or "summary" not in record:
                 continue
-            cfg = resolved(entry, Path("/tmp/unused"), seed, overrides)
+            # the record's own run folder: a path derived from it (a run's teacher_samples) is where it was
+            saved = saved_config(record.get("config"))
+            cfg = resolved(entry, Path(saved.output_dir) if saved else Path("/tmp/unused"), seed, overrides)
             checked += 1
             if not same_experiment(record.get("config"), cfg):
                 stale.append(f"seed{seed}/{path.name}")

@@ -53,6 +53,8 @@ RECIPES = {
     "lowrank_same_size_ddpm_distill_w4": "lowrank_same_size_ddpm_distill with the output term weighted 4x",
     "lowrank_same_size_ddpm_distill_ema": "lowrank_same_size_ddpm_distill exporting the moving average (decay 0.99)",
     "floats_ddpm_distill": "floats with the DDPM loss + output matching, no block term",
+    "lowrank_same_size_ddpm_distill_teacher_data": "lowrank_same_size_ddpm_distill on the teacher's samples",
+    "alloc_ddpm_distill_teacher_data": "alloc_ddpm_distill on the teacher's samples",
     "lowrank_same_size_ddpm_only_1600": "lowrank_same_size_ddpm_only, 1600 steps instead of 400",
     "lowrank_same_size_ddpm_only_6400": "lowrank_same_size_ddpm_only, 6400 steps instead of 400",
     "official": "the authors' recipe (float embedders/final layer, DDPM loss only, lr 1e-4) at the cell's size",
@@ -69,7 +71,8 @@ QUANT_RECIPES = ("alloc", "alloc_1600", "alloc_lowrank", "lowrank_same_size", "l
                  "lowrank_same_size_6400", "lowrank_same_size_ddpm_only", "lowrank_same_size_ddpm_only_1600",
                  "lowrank_same_size_ddpm_only_6400", "alloc_ddpm_only", "lowrank_same_size_distill_only",
                  "lowrank_same_size_ddpm_distill", "alloc_distill_only", "alloc_ddpm_distill",
-                 "lowrank_same_size_ddpm_distill_w4", "lowrank_same_size_ddpm_distill_ema")
+                 "lowrank_same_size_ddpm_distill_w4", "lowrank_same_size_ddpm_distill_ema",
+                 "lowrank_same_size_ddpm_distill_teacher_data", "alloc_ddpm_distill_teacher_data")
 # The bit levels each recipe is written for (studies/configs/recipes/dpq_<b>bit_<recipe>.yaml); one not
 # named here exists at 1 and 2 bits. At 3 bits only the rules that decide the 3-bit default.
 ONLY_BITS = {"alloc_lowrank": (1,), "ddpm_only": (1,), "rec_x10": (1,),
@@ -80,6 +83,7 @@ ONLY_BITS = {"alloc_lowrank": (1,), "ddpm_only": (1,), "rec_x10": (1,),
              "lowrank_same_size_ddpm_distill": (1, 3), "alloc_distill_only": (2,),
              "alloc_ddpm_distill": (2,), "lowrank_same_size_ddpm_distill_w4": (1,),
              "lowrank_same_size_ddpm_distill_ema": (1,), "floats_ddpm_distill": (3,),
+             "lowrank_same_size_ddpm_distill_teacher_data": (1,), "alloc_ddpm_distill_teacher_data": (2,),
              **{r: (1, 2, 3) for r in ("frozen", "floats", "output_aware", "soft_anneal", "lowrank_same_size",
                                        "official", "official_own_size")}}
 DEFAULT_LEVELS = (1, 2)

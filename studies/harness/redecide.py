@@ -37,9 +37,10 @@ LEVELS = {
     1: ("lowrank_same_size", "official", "lowrank_same_size_ddpm_only", "floats", "frozen", "ddpm_only",
         "soft_anneal", "alloc", "official_own_size", "lowrank_same_size_distill_only",
         "lowrank_same_size_ddpm_distill", "lowrank_same_size_ddpm_distill_w4",
-        "lowrank_same_size_ddpm_distill_ema"),
+        "lowrank_same_size_ddpm_distill_ema", "lowrank_same_size_ddpm_distill_teacher_data"),
     2: ("floats", "lowrank_same_size_ddpm_only", "alloc", "alloc_ddpm_only", "soft_anneal", "frozen", "official",
-        "official_own_size", "alloc_distill_only", "alloc_ddpm_distill"),
+        "official_own_size", "alloc_distill_only", "alloc_ddpm_distill",
+        "alloc_ddpm_distill_teacher_data"),
     3: ("frozen", "lowrank_same_size_ddpm_only", "floats", "output_aware", "soft_anneal", "official",
         "official_own_size", "lowrank_same_size_ddpm_distill", "floats_ddpm_distill"),
 }
