@@ -42,7 +42,8 @@ LEVELS = {
         "official_own_size", "alloc_distill_only", "alloc_ddpm_distill",
         "alloc_ddpm_distill_teacher_data"),
     3: ("frozen", "lowrank_same_size_ddpm_only", "floats", "output_aware", "soft_anneal", "official",
-        "official_own_size", "lowrank_same_size_ddpm_distill", "floats_ddpm_distill"),
+        "official_own_size", "lowrank_same_size_ddpm_distill", "floats_ddpm_distill",
+        "alloc_ddpm_distill"),
 }
 NOT_CANDIDATES = ("official_own_size",)  # another size: shown, never the default
 # The defaults the re-decision started from (studies/configs/dpq_<b>bit.yaml and the quickstart before it):
