@@ -38,11 +38,17 @@ def test_xl_counts_and_gpu_hours(bench):
     md = bench.render(cfg, {"batch": 2, "real": 10, "stand_in": 10}, xl, 1.0)
     assert xl["matrix_numel"] == 674_345_088  # every quantized weight (dpq plan's count)
     assert cfg.calib.lowrank_rank == 1 and cfg.calib.assignment == "frozen"  # no passes; a correction
-    # the DDPM loss alone (w_rec 0): the teacher's forward only on the steps that log (every 10th)
-    assert cfg.calib.w_rec == cfg.calib.w_out == 0 and cfg.trainer.log_every_n_steps == 10
+    # the default loss reads the teacher (output matching, w_out 1): its forward runs on every step
+    assert cfg.calib.w_rec == 0 and cfg.calib.w_out == 1 and cfg.trainer.log_every_n_steps == 10
     steps, batch = cfg.trainer.max_steps, cfg.data.global_batch_size
-    total = (steps * (batch * (xl["step"] - xl["fwd"]) + 6 * 674_345_088) + steps // 10 * batch * xl["fwd"])
-    assert f"**{total / 1e15:.0f} PFLOP**" in md and f"only on the {steps // 10} steps that log" in md
-    with_rec = load_config(ROOT / "configs" / "dpq_1bit.yaml", ["calib.w_rec=1.0"])
-    assert bench.teacher_steps(with_rec) == steps  # a loss that reads the teacher pays its forward every step
+    assert bench.teacher_steps(cfg) == steps
+    total = steps * (batch * xl["step"] + 6 * 674_345_088)
+    assert f"**{total / 1e15:.0f} PFLOP**" in md and "so its forward runs at every step" in md
+    # the DDPM loss alone (w_rec = w_out = 0): the teacher's forward only on the steps that log (every 10th)
+    ddpm_only = load_config(ROOT / "configs" / "dpq_1bit.yaml", ["calib.w_out=0.0"])
+    ddpm_only.source = "configs/dpq_1bit.yaml"
+    md0 = bench.render(ddpm_only, {"batch": 2, "real": 10, "stand_in": 10}, xl, 1.0)
+    total0 = (steps * (batch * (xl["step"] - xl["fwd"]) + 6 * 674_345_088) + steps // 10 * batch * xl["fwd"])
+    assert f"**{total0 / 1e15:.0f} PFLOP**" in md0 and f"only on the {steps // 10} steps that log" in md0
+    assert bench.teacher_steps(ddpm_only) == steps // 10
     assert f"| {total / (312e12 * 0.4) / 3600:.2f} |" in md
