@@ -38,7 +38,9 @@ def test_the_average_follows_the_warmed_up_formula_and_swaps_back():
 def test_a_decay_outside_0_1_is_refused_naming_the_key(decay):
     with pytest.raises(ValueError, match=r"calib\.ema_decay must be in"):
         ParameterEMA([torch.nn.Parameter(torch.zeros(1))], decay)
-    if decay != 0.0:
+    if decay == 0.0:
+        assert CalibConfig(ema_decay=decay).ema_decay == 0.0  # the config's "off"; the class averages or refuses
+    else:
         with pytest.raises(ValueError, match=r"calib\.ema_decay must be in \[0, 1\)"):
             CalibConfig(ema_decay=decay)
 

@@ -12,6 +12,12 @@ The update is ``avg <- avg + (1 - beta_n) (p - avg)`` after the ``n``-th optimiz
 ``torch.optim.swa_utils.get_ema_multi_avg_fn``'s. The averages live in buffers, so checkpoints hold
 them and a resumed run continues the same average. Codes (integers) are never averaged: they are
 whatever the assignment rule last chose.
+
+Not Lightning's ``WeightAveraging`` callback: it deep-copies the whole LightningModule into an
+``AveragedModel`` (here that drags along the frozen teacher the module holds, a second DiT-XL/2),
+averages from ``on_train_batch_end``, which runs after ``ModelCheckpoint``'s (a checkpoint would then
+miss its own step's update, and a resumed run would diverge), and averages all parameters rather than
+the trained ones. What it shares with this class, the lerp, is used from torch.
 """
 
 from __future__ import annotations

@@ -60,8 +60,8 @@ class CalibConfig:
         if not 0.0 < self.soft_anneal_frac <= 1.0:
             raise ValueError(f"calib.soft_anneal_frac must be in (0, 1], got {self.soft_anneal_frac}")
         if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"calib.ema_decay must be in [0, 1) (0 = export the last step, e.g. 0.99 averages "
-                             f"about the last 100 steps), got {self.ema_decay}")
+            raise ValueError(f"calib.ema_decay must be in [0, 1) (0 = export the last step; 0.99 = a horizon of about "
+                             f"100 steps once the warm-up (1+n)/(10+n) has passed it), got {self.ema_decay}")
         if self.lowrank_rank < 0:
             raise ValueError(f"calib.lowrank_rank must be >= 0 (0 = no low-rank correction), got {self.lowrank_rank}")
         if self.t_sampling not in ("uniform", "error"):
